@@ -1,0 +1,302 @@
+"""Typed run configuration: dataclasses, YAML/JSON files and strict overrides.
+
+Every setting lives in one dataclass field with a ``help`` text. The command line
+is generated from these fields (``cli.py``), a file given with ``--config`` fills
+the same fields, and ``--set section.key=value`` overrides them. Unknown keys and
+values of the wrong type are rejected with the list of valid keys, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "LoraSettings",
+    "DataConfig",
+    "TrainConfig",
+    "SWAGConfig",
+    "EvalConfig",
+    "RunConfig",
+    "PRESETS",
+    "apply_overrides",
+    "load_config_file",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "'smollm2-135m' (embedded GGUF), a local directory or a Hugging Face model id", flag="--model")
+    dtype: str = _f("float32", "weights and compute dtype: float32, bfloat16, float16 or auto (bf16 only where measured faster)", flag="--dtype")
+    scoring: str = _f("auto", "answer scoring: letter (the paper's), cloze (choice likelihood) or auto (per-model default)", flag="--scoring")
+    train_head: bool = _f(True, "letter scoring: train a small letters x hidden head initialised from the LM head rows", flag="--train-head")
+    trust_remote_code: bool = _f(False, "allow model repositories to run their own code (off unless asked for)", flag="--trust-remote-code")
+    max_length: int = _f(512, "truncate prompts to this many tokens (from the left of the question)", flag="--max-length")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16, float16 or auto, got {self.dtype!r}")
+        if self.scoring not in ("auto", "letter", "cloze"):
+            raise ConfigError(f"model.scoring must be auto, letter or cloze, got {self.scoring!r}")
+        if self.max_length < 8:
+            raise ConfigError(f"model.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = _f(0.1, "LoRA dropout probability (also the MC-dropout rate)")
+    targets: str = _f("q_proj,v_proj", "comma-separated module names, or all-linear")
+    layers: str = _f("all", "which transformer layers get LoRA: all, or top:K (the frozen lower layers are then computed once and reused)")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.layers != "all":
+            if not self.layers.startswith("top:") or not self.layers[4:].isdigit() or int(self.layers[4:]) < 1:
+                raise ConfigError(f"lora.layers must be 'all' or 'top:K' with K >= 1, got {self.layers!r}")
+
+    @property
+    def target_list(self) -> list[str] | str:
+        if self.targets == "all-linear":
+            return "all-linear"
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("arc_easy", "bundled training task (obqa, cqa, arc_easy, arc_challenge, mmlu)", flag="--task")
+    data: str = _f("", "training data instead of --task: a JSONL file or hf:<dataset id>", flag="--data")
+    train_limit: int = _f(0, "use at most this many training examples (0 = all), a seeded subset", flag="--train-limit")
+    val_limit: int = _f(0, "use at most this many validation examples (0 = all)", flag="--val-limit")
+    val_fraction: float = _f(0.2, "validation fraction of train when the data has no validation split", flag="--val-fraction")
+
+    def __post_init__(self) -> None:
+        if self.train_limit < 0 or self.val_limit < 0:
+            raise ConfigError("data.train_limit and data.val_limit must be >= 0")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(2, "MAP training epochs (before SWAG collection starts)", flag="--epochs")
+    lr: float = _f(1e-3, "peak learning rate of AdamW", flag="--lr")
+    batch_size: int = _f(8, "examples per optimiser step (before accumulation)", flag="--batch-size")
+    grad_accum: int = _f(1, "gradient accumulation steps", flag="--grad-accum")
+    warmup: float = _f(0.06, "fraction of MAP steps with linear warm-up (then linear decay)", flag="--warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay", flag="--weight-decay")
+    seed: int = _f(0, "seed for LoRA init, data order and sampling", flag="--seed")
+    threads: int = _f(0, "torch CPU threads (0 = number of cores)", flag="--threads")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"train.warmup must be in [0, 1), got {self.warmup}")
+
+
+@dataclass
+class SWAGConfig:
+    epochs: int = _f(3, "epochs of SWAG collection after the MAP phase (0 = no SWAG)")
+    lr: float = _f(1e-3, "SWAG-phase learning rate (constant, or annealed from the MAP lr over anneal_epochs)")
+    anneal_epochs: int = _f(0, "epochs of linear anneal from the last MAP lr to the SWAG lr (0 = constant)")
+    every: str = _f("epoch", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
+    max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
+    scale: str = _f("0.5", "covariance scale, or 'auto' (chosen by validation NLL over a grid)")
+    samples: int = _f(8, "posterior samples S per prediction (BMA)")
+    members: int = _f(3, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.anneal_epochs < 0:
+            raise ConfigError("swag.epochs and swag.anneal_epochs must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"swag.lr must be > 0, got {self.lr}")
+        if self.every != "epoch" and (not self.every.isdigit() or int(self.every) < 1):
+            raise ConfigError(f"swag.every must be 'epoch' or a positive integer, got {self.every!r}")
+        if self.max_rank < 0:
+            raise ConfigError(f"swag.max_rank must be >= 0, got {self.max_rank}")
+        if self.scale != "auto":
+            try:
+                s = float(self.scale)
+            except ValueError:
+                raise ConfigError(f"swag.scale must be a number >= 0 or 'auto', got {self.scale!r}") from None
+            if s < 0:
+                raise ConfigError(f"swag.scale must be >= 0, got {s}")
+        if self.samples < 1 or self.members < 1:
+            raise ConfigError("swag.samples and swag.members must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    split: str = _f("test", "split of the training task to evaluate on", flag="--split")
+    shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag="--shift")
+    limit: int = _f(0, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
+    batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
+    methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table", flag="--methods")
+
+    def __post_init__(self) -> None:
+        if self.limit < 0:
+            raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    swag: SWAGConfig = field(default_factory=SWAGConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {f.name: f.type for f in fields(RunConfig)}
+
+#: Named bundles of overrides. ``paper`` is the protocol of Onal et al. (2024) for a 7B model on a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "model.scoring": "letter",
+        "lora.targets": "q_proj,v_proj",
+        "lora.layers": "all",
+        "train.lr": 6e-4,
+        "train.epochs": 8,
+        "swag.epochs": 10,
+        "swag.lr": 1e-4,
+        "swag.anneal_epochs": 5,
+        "swag.every": "epoch",
+        "swag.max_rank": 5,
+        "swag.samples": 15,
+        "swag.scale": "1.0",
+        "swag.members": 5,
+    },
+}
+
+
+def _section_class(name: str) -> type:
+    cls = {f.name: f for f in fields(RunConfig)}[name].default_factory  # type: ignore[misc]
+    return cls  # type: ignore[return-value]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert ``value`` to the field type, rejecting anything that does not fit."""
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(str(annotation), annotation)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s in SECTIONS for f in fields(_section_class(s))]
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a new config with ``{"section.key": value}`` applied; unknown keys and bad types raise."""
+    data = config_to_dict(cfg)
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in data or name not in data[section]:
+            raise ConfigError(f"Unknown config key {key!r}. Valid keys: {', '.join(_valid_keys())}")
+        data[section][name] = value
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts, with strict key and type checks."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    sections: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r}. Valid sections: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+        cls = _section_class(section)
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{name!s}. Valid keys: {', '.join(_valid_keys())}"
+                )
+            kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
+        sections[section] = cls(**kwargs)
+    return RunConfig(**sections)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    """Read a YAML or JSON config file (nested sections) into a RunConfig."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ConfigError(f"{p}: cannot parse config: {exc}") from exc
+    return config_from_dict(data, source=str(p))
+

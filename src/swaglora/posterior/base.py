@@ -1,0 +1,209 @@
+"""The one posterior interface, and saving/loading posteriors as safetensors + JSON.
+
+A saved posterior is a directory holding exactly two files:
+
+* ``posterior_config.json``: ``format_version``, ``method``, ``hparams``, ``n_collected``
+  (when meaningful), ``parameters`` ({name: shape}), ``parameter_order`` (names in the order
+  of the flat vectors), caller ``metadata``, ``library_version`` and a ``save_id``;
+* ``posterior.safetensors``: the tensors of ``state_dict()`` (its header repeats ``save_id``,
+  so a tensors file from another, e.g. interrupted, save is detected).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from swaglora import __version__
+from swaglora.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from swaglora.params import Shapes, check_same_shapes, numel, parameter_shapes, trainable_parameters
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "posterior_config.json"
+TENSORS_NAME = "posterior.safetensors"
+
+
+def make_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The given generator, or a fresh non-deterministically seeded one (never the global RNG)."""
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    return generator
+
+
+def check_state_shapes(expected: Shapes, state: Mapping[str, Tensor], what: str) -> None:
+    """Strict ``load_state_dict`` check: same keys and same shapes, else ValueError."""
+    check_same_shapes(expected, parameter_shapes(state), f"{what} state", "given state_dict")
+
+
+class Posterior(ABC):
+    """A distribution over a model's trainable parameters."""
+
+    name: ClassVar[str]  # registry key
+    stochastic_forward: ClassVar[bool] = False  # MC dropout: keep dropout active while predicting
+
+    def __init__(self, model: nn.Module | Shapes, **hparams: Any) -> None:
+        """Record names/shapes of ``model``'s trainable parameters (or take a ``{name: shape}`` map)."""
+        if isinstance(model, nn.Module):
+            shapes = parameter_shapes(trainable_parameters(model))
+        else:
+            shapes = {str(n): tuple(int(d) for d in s) for n, s in model.items()}
+        if not shapes:
+            raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+        self.parameter_shapes: dict[str, tuple[int, ...]] = shapes
+        self.num_params = numel(shapes)
+
+    def _read(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's trainable parameters in recorded order; they must match the recorded ones."""
+        params = trainable_parameters(model)
+        check_same_shapes(self.parameter_shapes, parameter_shapes(params), "posterior", "model's trainable parameters")
+        return {n: params[n] for n in self.parameter_shapes}
+
+    def collect(self, model: nn.Module) -> None:
+        """Add a snapshot of the model's current trainable weights (default: nothing)."""
+
+    def fit(self, model: nn.Module, batches: Any, loss_fn: Any) -> None:
+        """Post-hoc fitting (e.g. Laplace); default: nothing."""
+
+    @abstractmethod
+    def sample(self, generator: torch.Generator | None = None, scale: float | None = None) -> dict[str, Tensor]:
+        """One draw ``{name: tensor}`` (``scale`` multiplies the covariance where meaningful)."""
+
+    def draws(
+        self, n_samples: int, generator: torch.Generator | None = None, scale: float | None = None
+    ) -> list[dict[str, Tensor]]:
+        """Weights to average predictions over: ``n_samples`` draws (a point mass gives one)."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if self.is_point_mass and not self.stochastic_forward:
+            n_samples = 1
+        generator = make_generator(generator)
+        return [self.sample(generator, scale) for _ in range(n_samples)]
+
+    @property
+    def is_point_mass(self) -> bool:
+        return False
+
+    @property
+    def n_collected(self) -> int | None:
+        return None
+
+    def hparams(self) -> dict[str, Any]:
+        """JSON-able hyper-parameters: ``type(self)(shapes, **hparams())`` rebuilds an empty copy."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Strict: names, shapes and rank must match, else ValueError saying what differs."""
+
+    @classmethod
+    def from_config(
+        cls, parameters: Shapes, hparams: Mapping[str, Any], state: Mapping[str, Tensor], device: str = "cpu"
+    ) -> Posterior:
+        post = cls(parameters, device=device, **hparams)
+        post.load_state_dict(state)
+        return post
+
+    def save(self, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write ``posterior_config.json`` + ``posterior.safetensors`` into ``directory`` (created)."""
+        try:
+            metadata = json.loads(json.dumps(dict(metadata or {})))
+        except TypeError as e:
+            raise ValueError(f"posterior metadata must be JSON-serialisable: {e}") from e
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_id = uuid.uuid4().hex
+        config = {
+            "format_version": FORMAT_VERSION,
+            "method": self.name,
+            "hparams": self.hparams(),
+            "parameters": {n: list(s) for n, s in self.parameter_shapes.items()},
+            "parameter_order": list(self.parameter_shapes),
+            "metadata": metadata,
+            "library_version": __version__,
+            "save_id": save_id,
+        }
+        if self.n_collected is not None:
+            config["n_collected"] = self.n_collected
+        atomic_save_safetensors(directory / TENSORS_NAME, self.state_dict(), {"method": self.name, "save_id": save_id})
+        atomic_write_json(directory / CONFIG_NAME, config)  # last: a complete config marks a complete save
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module | None = None, expected_metadata: Mapping[str, Any] | None = None) -> Posterior:
+        """Like :func:`load_posterior`, refusing a directory saved by another method."""
+        return load_posterior(directory, model, expected_metadata, expected_method=cls.name)
+
+
+def _differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    expected = json.loads(json.dumps(dict(expected)))  # tuples -> lists, as they were saved
+    return [
+        f"{key}: saved={saved.get(key, '<missing>')!r}, expected={value!r}"
+        for key, value in expected.items()
+        if key not in saved or saved[key] != value
+    ]
+
+
+def _saved_parameters(config: Mapping[str, Any], path: Path) -> dict[str, tuple[int, ...]]:
+    params, order = config.get("parameters"), config.get("parameter_order")
+    if not isinstance(params, dict) or not isinstance(order, list) or sorted(order) != sorted(params):
+        raise ValueError(f"{path}: 'parameters' and 'parameter_order' are missing or inconsistent")
+    return {n: tuple(params[n]) for n in order}
+
+
+def load_posterior(
+    directory: str | Path,
+    model: nn.Module | None = None,
+    expected_metadata: Mapping[str, Any] | None = None,
+    *,
+    expected_method: str | None = None,
+    expected_hparams: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+) -> Posterior:
+    """Load a saved posterior, strictly.
+
+    With ``model``, the saved parameter names/shapes must equal the model's trainable ones;
+    every key of ``expected_metadata`` / ``expected_hparams`` must equal the saved value;
+    ``expected_method`` must equal the saved method. Any difference raises ValueError.
+    """
+    from swaglora.posterior import get_method  # the registry imports this module
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    config = read_json(config_path)
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{config_path}: not a swaglora posterior config (format_version={version!r})")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format_version {version}, but swaglora {__version__} reads up to "
+            f"format_version {FORMAT_VERSION}; upgrade swaglora to load it"
+        )
+    method = config.get("method")
+    if expected_method is not None and method != expected_method:
+        raise ValueError(f"{config_path}: saved posterior method is {method!r}, expected {expected_method!r}")
+    cls = get_method(method)
+    shapes = _saved_parameters(config, config_path)
+    if model is not None:
+        check_same_shapes(shapes, parameter_shapes(trainable_parameters(model)), f"saved posterior {directory}", "model's trainable parameters")
+    for label, saved, expected in (("metadata", config.get("metadata", {}), expected_metadata), ("hparams", config.get("hparams", {}), expected_hparams)):
+        problems = _differences(saved, expected) if expected else []
+        if problems:
+            raise ValueError(f"{config_path}: saved {label} differ from expected:\n  " + "\n  ".join(problems))
+    tensors, header = load_safetensors(directory / TENSORS_NAME, with_metadata=True)
+    if header.get("save_id") != config.get("save_id"):
+        raise ValueError(f"{directory}: {TENSORS_NAME} and {CONFIG_NAME} come from different saves (interrupted save?)")
+    try:
+        return cls.from_config(shapes, config.get("hparams", {}), tensors, device=device)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory}: saved {method!r} posterior cannot be loaded: {e}") from e
