@@ -161,7 +161,7 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 15) -> dict[str, lis
     conf, pred = p.max(-1)
     hit = (pred == y).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)
+    idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     csum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     asum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, hit)

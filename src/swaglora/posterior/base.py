@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -195,7 +195,13 @@ def load_posterior(
     cls = get_method(method)
     shapes = _saved_parameters(config, config_path)
     if model is not None:
-        check_same_shapes(shapes, parameter_shapes(trainable_parameters(model)), f"saved posterior {directory}", "model's trainable parameters")
+        model_shapes = parameter_shapes(trainable_parameters(model))
+        if not model_shapes:
+            raise ValueError(
+                f"cannot check {directory} against a model without trainable parameters (a PEFT adapter "
+                "loaded for inference? load it with is_trainable=True, or pass model=None)"
+            )
+        check_same_shapes(shapes, model_shapes, f"saved posterior {directory}", "model's trainable parameters")
     for label, saved, expected in (("metadata", config.get("metadata", {}), expected_metadata), ("hparams", config.get("hparams", {}), expected_hparams)):
         problems = _differences(saved, expected) if expected else []
         if problems:

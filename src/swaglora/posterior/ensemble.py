@@ -35,7 +35,7 @@ class Ensemble(Posterior):
         for i, member in enumerate(members[1:], start=1):
             problems = shape_mismatches(members[0].parameter_shapes, member.parameter_shapes, "member 0", f"member {i}")
             if problems:
-                raise ValueError(f"ensemble members track different parameters:\n  " + "\n  ".join(problems))
+                raise ValueError("ensemble members track different parameters:\n  " + "\n  ".join(problems))
         super().__init__(members[0].parameter_shapes)
         self.members = members
         self.stochastic_forward = any(m.stochastic_forward for m in members)  # type: ignore[misc]
