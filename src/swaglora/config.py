@@ -155,6 +155,7 @@ class SWAGConfig:
 @dataclass
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
+    test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
     shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag="--shift")
     limit: int = _f(0, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")

@@ -36,6 +36,11 @@ from .models import ModelError, decoder_parts
 __all__ = ["Encoded", "Batch", "Scorer", "HiddenCache", "LetterHead", "LETTERS"]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def key(ex: MCQExample) -> tuple:
+    """What scoring depends on: the text, not the id."""
+    return (ex.question, ex.choices)
 MAX_CHOICE_TOKENS = 64
 
 
@@ -66,7 +71,7 @@ class Batch:
     pred_tok: torch.Tensor  # [P]
     pred_choice: torch.Tensor  # [P]
     choice_len: torch.Tensor  # [B, C] number of tokens of each choice (cloze)
-    ids: list[str]
+    keys: list[tuple]  # content keys (question, choices): identical questions share cached work
 
     @property
     def size(self) -> int:
@@ -78,6 +83,7 @@ class LetterHead(nn.Module):
 
     def __init__(self, lm_head_weight: torch.Tensor, letter_ids: list[int], trainable: bool) -> None:
         super().__init__()
+        self.token_ids = list(letter_ids)
         self.weight = nn.Parameter(lm_head_weight[letter_ids].detach().clone(), requires_grad=trainable)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -109,7 +115,7 @@ class Scorer:
         self.max_length = max_length
         self.parts = decoder_parts(model)
         self.prefix_ids = tokenizer("", add_special_tokens=True).input_ids  # [BOS] or []
-        self._encoded: dict[str, Encoded] = {}
+        self._encoded: dict[tuple, Encoded] = {}
         if mode == "letter":
             if not hasattr(self._base, "letter_head"):
                 ids = letter_token_ids(tokenizer)
@@ -133,8 +139,8 @@ class Scorer:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, examples: list[MCQExample]) -> list[Encoded]:
-        """Tokenize once; results are cached by example id."""
-        todo = [ex for ex in examples if ex.id not in self._encoded]
+        """Tokenize once; results are cached by content (ids may repeat across datasets)."""
+        todo = list({key(ex): ex for ex in examples if key(ex) not in self._encoded}.values())
         if todo:
             if self.mode == "letter":
                 prompts = [
@@ -143,7 +149,7 @@ class Scorer:
                 ]
                 q_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
                 for ex, q in zip(todo, q_ids):
-                    self._encoded[ex.id] = self._pack(ex, q, [])
+                    self._encoded[key(ex)] = self._pack(ex, q, [])
             else:
                 q_ids = self.tokenizer([f"Question: {ex.question}\nAnswer:" for ex in todo], add_special_tokens=False).input_ids
                 flat = [f" {c}" for ex in todo for c in ex.choices]
@@ -152,8 +158,8 @@ class Scorer:
                 for ex, q in zip(todo, q_ids):
                     choices = [c[:MAX_CHOICE_TOKENS] for c in c_ids[at : at + ex.n_choices]]
                     at += ex.n_choices
-                    self._encoded[ex.id] = self._pack(ex, q, choices)
-        return [self._encoded[ex.id] for ex in examples]
+                    self._encoded[key(ex)] = self._pack(ex, q, choices)
+        return [self._encoded[key(ex)] for ex in examples]
 
     def _pack(self, ex: MCQExample, question: list[int], choices: list[list[int]]) -> Encoded:
         if any(len(c) == 0 for c in choices):
@@ -177,7 +183,7 @@ class Scorer:
             seg += [i + 1] * len(c)
         return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, ex.answer_index)
 
-    def collate(self, encoded: list[Encoded], ids: list[str] | None = None) -> Batch:
+    def collate(self, encoded: list[Encoded], keys: list[tuple] | None = None) -> Batch:
         """Pad to the longest sequence in the batch (dynamic padding) and build the packed attention mask."""
         b, t = len(encoded), max(len(e.input_ids) for e in encoded)
         c = max(e.n_choices for e in encoded)
@@ -216,11 +222,11 @@ class Scorer:
             pred_tok=as_long(pt),
             pred_choice=as_long(pc),
             choice_len=choice_len,
-            ids=list(ids) if ids is not None else [str(i) for i in range(b)],
+            keys=list(keys) if keys is not None else [(i,) for i in range(b)],
         )
 
     def batch(self, examples: list[MCQExample]) -> Batch:
-        return self.collate(self.encode(examples), [ex.id for ex in examples])
+        return self.collate(self.encode(examples), [key(ex) for ex in examples])
 
     # ------------------------------------------------------------------ forward
     def _run_layers(self, hidden: torch.Tensor, batch: Batch, layers) -> torch.Tensor:
@@ -262,7 +268,7 @@ class Scorer:
 
 
 class HiddenCache:
-    """Lower-layer outputs per example id, computed once and reused (exact: those layers are frozen)."""
+    """Lower-layer outputs per example (content key), computed once and reused (exact: those layers are frozen)."""
 
     def __init__(self, scorer: Scorer, enabled: bool = True) -> None:
         self.scorer = scorer
@@ -272,20 +278,20 @@ class HiddenCache:
     def hidden(self, batch: Batch) -> torch.Tensor:
         if not self.enabled:
             return self.scorer.bottom(batch)
-        missing = [i for i, key in enumerate(batch.ids) if key not in self._store]
+        missing = [i for i, key in enumerate(batch.keys) if key not in self._store]
         if missing:
             fresh = self.scorer.bottom(batch) if len(missing) == batch.size else None
             if fresh is None:
                 sub = _select(batch, missing)
                 fresh_sub = self.scorer.bottom(sub)
                 for j, i in enumerate(missing):
-                    self._store[batch.ids[i]] = fresh_sub[j, : int(batch.lengths[i])].clone()
+                    self._store[batch.keys[i]] = fresh_sub[j, : int(batch.lengths[i])].clone()
             else:
                 for i in missing:
-                    self._store[batch.ids[i]] = fresh[i, : int(batch.lengths[i])].clone()
+                    self._store[batch.keys[i]] = fresh[i, : int(batch.lengths[i])].clone()
         weight = self.scorer.parts.embed_tokens.weight
         out = torch.zeros(batch.size, batch.input_ids.shape[1], weight.shape[1], dtype=weight.dtype)
-        for i, key in enumerate(batch.ids):
+        for i, key in enumerate(batch.keys):
             h = self._store[key]
             out[i, : h.shape[0]] = h
         return out
@@ -312,5 +318,5 @@ def _select(batch: Batch, rows: list[int]) -> Batch:
         pred_tok=batch.pred_tok[keep],
         pred_choice=batch.pred_choice[keep],
         choice_len=batch.choice_len[idx],
-        ids=[batch.ids[i] for i in rows],
+        keys=[batch.keys[i] for i in rows],
     )

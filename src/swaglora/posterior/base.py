@@ -48,6 +48,9 @@ class Posterior(ABC):
 
     name: ClassVar[str]  # registry key
     stochastic_forward: ClassVar[bool] = False  # MC dropout: keep dropout active while predicting
+    # True: collect(model) is called along the training trajectory (SWAG); False: collect and fit
+    # are called once, on the MAP weights at the end of the MAP phase (MAP, dropout, Laplace)
+    trajectory: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | Shapes, **hparams: Any) -> None:
         """Record names/shapes of ``model``'s trainable parameters (or take a ``{name: shape}`` map)."""

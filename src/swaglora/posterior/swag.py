@@ -51,6 +51,7 @@ class SWAGState:
 
 class SWAG(Posterior):
     name = "swag"
+    trajectory = True
 
     def __init__(
         self,

@@ -1,0 +1,241 @@
+"""``swaglora`` command line: a thin layer over config, pipeline and report.
+
+Every config field is a flag (generated from the dataclasses in ``config.py``), so the
+CLI, ``--config file.yaml`` and ``--set section.key=value`` can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, SECTIONS, ConfigError, RunConfig, apply_overrides, config_to_dict, load_config_file
+
+__all__ = ["main", "build_parser"]
+
+_UNPREFIXED = {"model", "data", "train", "eval"}  # these sections' flags carry no section prefix
+
+
+def _flag(section: str, f) -> str:
+    if "flag" in f.metadata:
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    return f"--{name}" if section in _UNPREFIXED else f"--{section}-{name}"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
+    for section in sections:
+        group = parser.add_argument_group(f"{section} settings")
+        cls = SECTIONS[section]
+        cls = cls if isinstance(cls, type) else {f.name: f for f in fields(RunConfig)}[section].default_factory
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None,
+                                      "help": f"{f.metadata.get('help', '')} (default: {default})"}
+            if hints[f.name] is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["metavar"] = hints[f.name].__name__.upper()
+            flags = [_flag(section, f)]
+            if section == "train" and f.name == "epochs":
+                flags.append("--swag-start")  # the paper's name: MAP epochs before SWAG collection starts
+            group.add_argument(*flags, **kwargs)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON file with nested sections (model, lora, data, train, swag, eval)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of settings (paper = Onal et al. 2024)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key (repeatable); unknown keys and wrong types are rejected")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swaglora", description="SWAG / MultiSWAG posteriors over LoRA for calibrated MCQA")
+    sub = parser.add_subparsers(dest="command", required=True)
+    all_sections = tuple(SECTIONS)
+
+    p = sub.add_parser("run", help="the main job: train members, evaluate every method on test and shift sets, report")
+    _common(p)
+    _add_config_flags(p, all_sections)
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds: one run per seed under OUT/seed-<k>, reported as mean ± std")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of reusing finished members")
+
+    p = sub.add_parser("train", help="fine-tune LoRA members and collect their posteriors into a run directory")
+    _common(p)
+    _add_config_flags(p, all_sections)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--member-index", type=int, action="append", default=None,
+                   help="train only this member (repeatable), e.g. one per machine; combine later with evaluate --run")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT first")
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run (--run) or a base model zero-shot (--model)")
+    _common(p)
+    _add_config_flags(p, all_sections)
+    p.add_argument("--run", action="append", default=[], help="trained run directory (repeat to pool members of several runs)")
+    p.add_argument("--out", help="where to write eval/ (default: the first --run)")
+
+    p = sub.add_parser("report", help="write report.md, results.csv/json and figures from run directories (several = seeds)")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", help="report directory (default: the first run's parent when several, else the run)")
+    p.add_argument("--abstain-risk", type=float, default=None, help="target risk for the abstention threshold")
+
+    sub.add_parser("tasks", help="list bundled tasks with split sizes")
+    sub.add_parser("methods", help="list posterior methods and table rows")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    cfg = load_config_file(args.config) if getattr(args, "config", None) else (base or RunConfig())
+    overrides: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        overrides.update(PRESETS[args.preset])
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            overrides[key] = value
+    for item in getattr(args, "set", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return apply_overrides(cfg, overrides)
+
+
+def _cmd_tasks() -> int:
+    from .data import TASKS, task_split_sizes
+
+    sizes = task_split_sizes()
+    print(f"{'task':<15} {'splits':<45} description")
+    for name, info in TASKS.items():
+        splits = ", ".join(f"{s} {n}" for s, n in sizes[name].items())
+        print(f"{name:<15} {splits:<45} {info.description}")
+    print("\nAlso: mmlu:<group or subject> (e.g. mmlu:stem, mmlu:law, mmlu:college_physics), a JSONL file, or hf:<dataset id>.")
+    return 0
+
+
+def _cmd_methods() -> int:
+    from .pipeline import ROWS
+    from .posterior import get_method, method_names
+
+    print("posterior methods (swaglora.posterior):")
+    for name in method_names():
+        doc = (get_method(name).__doc__ or "").strip().splitlines()
+        print(f"  {name:<12} {doc[0] if doc else ''}")
+    print("\nresults-table rows (--methods):")
+    for name, row in ROWS.items():
+        print(f"  {name:<12} {row.help}")
+    return 0
+
+
+def _report(run_dirs: list[Path], out: Path | None, abstain_risk: float | None = None) -> None:
+    from .report import collect_results, print_table, write_report
+
+    results = collect_results(run_dirs)
+    target = out or (run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent)
+    path = write_report(results, target, abstain_risk=abstain_risk)
+    print(print_table(results))
+    print(f"\nreport: {path}")
+
+
+def _print_choice(cfg: RunConfig) -> None:
+    from .models import DEFAULT_SCORING
+
+    scoring = cfg.model.scoring if cfg.model.scoring != "auto" else DEFAULT_SCORING.get(cfg.model.name, "letter")
+    why = "" if cfg.model.scoring != "auto" else " (this model's default; --scoring letter|cloze to change)"
+    print(f"model {cfg.model.name}, scoring {scoring}{why}, task {cfg.data.data or cfg.data.task}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"swaglora: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("swaglora: interrupted; finished members and evaluations are kept", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    if args.command == "tasks":
+        return _cmd_tasks()
+    if args.command == "methods":
+        return _cmd_methods()
+    if args.command == "report":
+        _report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.abstain_risk)
+        return 0
+    progress = not args.quiet
+    if args.command == "run":
+        cfg = resolve_config(args)
+        _print_choice(cfg)
+        out = Path(args.out)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+        if not seeds:
+            pipeline.run(cfg, out, progress=progress, overwrite=args.overwrite)
+            _report([out], out)
+            return 0
+        dirs = []
+        for seed in seeds:
+            seed_cfg = apply_overrides(cfg, {"train.seed": seed})
+            pipeline.run(seed_cfg, out / f"seed-{seed}", progress=progress, overwrite=args.overwrite)
+            dirs.append(out / f"seed-{seed}")
+        _report(dirs, out)
+        return 0
+    if args.command == "train":
+        cfg = resolve_config(args)
+        _print_choice(cfg)
+        out = Path(args.out)
+        if args.overwrite and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        pipeline.save_config(cfg, out)
+        session = pipeline.open_session(cfg)
+        members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
+        pipeline.train_members(session, out, members, pipeline.table_rows(cfg), progress=progress)
+        print(f"trained members {members} into {out}")
+        return 0
+    if args.command == "evaluate":
+        return _evaluate(args, progress)
+    raise AssertionError(args.command)
+
+
+def _evaluate(args: argparse.Namespace, progress: bool) -> int:
+    from . import pipeline
+
+    runs = [Path(r) for r in args.run]
+    if runs:
+        cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
+        out = Path(args.out) if args.out else runs[0]
+        session = pipeline.open_session(cfg)
+        rows = pipeline.table_rows(cfg)
+        pipeline.evaluate_run(session, runs, rows, out, progress=progress)
+        _report([out], out)
+        return 0
+    # zero-shot evaluation of a base model on one data set
+    if not args.out:
+        raise ConfigError("evaluate needs --out DIR (and --model/--data or --task), or --run RUN_DIR")
+    cfg = resolve_config(args)
+    _print_choice(cfg)
+    out = Path(args.out)
+    session = pipeline.open_session(cfg, with_data=False)
+    results = pipeline.evaluate_base(session, out, progress=progress)
+    for r in results:
+        print(f"{r['eval_set']}: accuracy {r['accuracy']:.4f}  ece {r['ece']:.4f}  nll {r['nll']:.4f}  "
+              f"brier {r['brier']:.4f}  n {r['n']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""The one train/evaluate pipeline that every method goes through.
+
+config -> data -> model + LoRA -> train members (collect posteriors) -> save ->
+draw S parameter sets per table row -> predict on every evaluation set -> metrics files.
+
+Run directory layout::
+
+    RUN/config.json
+    RUN/members/<i>/adapter/                 PEFT adapter (MAP weights) for other tools
+    RUN/members/<i>/posteriors/<method>/     posterior_config.json + posterior.safetensors
+    RUN/members/<i>/train_log.jsonl          per-epoch train loss and validation metrics
+    RUN/members/<i>/done.json                written last: a member with it is never retrained
+    RUN/eval/<set>/<row>/metrics.json        accuracy, ece, nll, brier, n (+ method details)
+    RUN/eval/<set>/<row>/predictions.jsonl   id, probs (label order), labels, answer, uncertainties
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, metrics
+from .config import RunConfig, config_from_dict, config_to_dict
+from .data import MCQExample, limit, resolve_dataset, split_validation, task_splits
+from .io import atomic_write_json, atomic_write_text, read_json
+from .models import LoadedModel, add_lora, decoder_parts, load_model, model_fingerprint
+from .params import trainable_parameters
+from .posterior import Ensemble, Posterior, get_method, load_posterior
+from .predict import predict_logits
+from .scoring import HiddenCache, LetterHead, Scorer
+from .train import fit
+
+__all__ = ["Row", "ROWS", "Session", "open_session", "train_members", "evaluate_run", "run", "set_dir_name"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """How one row of the results table is built from the saved member posteriors."""
+
+    posterior: str  # the saved posterior of each member that the row uses
+    all_members: bool = False  # True: equal-weight ensemble over every member (MultiSWAG, deep ensemble)
+    scale: float | None = None  # covariance scale override (0 = the mean)
+    sampled: bool = True  # False: one draw (a point estimate)
+    help: str = ""
+
+
+#: Table rows, in display order. Rows are data, so no method needs its own evaluation code.
+ROWS: dict[str, Row] = {
+    "zero-shot": Row("init", sampled=False, help="the base model before fine-tuning"),
+    "map": Row("map", sampled=False, help="LoRA fine-tuning, best validation epoch"),
+    "swa": Row("swag", scale=0.0, sampled=False, help="SWAG mean (stochastic weight averaging)"),
+    "swag-diag": Row("swag-diag", help="SWAG with diagonal covariance"),
+    "swag": Row("swag", help="SWAG, diagonal + low-rank covariance"),
+    "multiswag": Row("swag", all_members=True, help="ensemble of the members' SWAG posteriors"),
+    "ensemble": Row("map", all_members=True, help="deep ensemble of the members' MAP weights"),
+}
+
+
+def set_dir_name(name: str) -> str:
+    """A filesystem-safe directory name for an evaluation set (no path can escape the run directory)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-")
+    return safe or "set"
+
+
+@dataclass
+class Session:
+    """Everything loaded once per process: model, scorer, lower-layer cache and data."""
+
+    cfg: RunConfig
+    lm: LoadedModel
+    model: nn.Module
+    scorer: Scorer
+    cache: HiddenCache
+    train: list[MCQExample] = field(default_factory=list)
+    validation: list[MCQExample] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Stored with every posterior; loading refuses a posterior whose metadata differs."""
+        lora = self.cfg.lora
+        return {
+            "base_model": self.lm.name,
+            "base_fingerprint": model_fingerprint(self.model),
+            "lora": f"r={lora.r},alpha={lora.alpha},targets={lora.targets},layers={lora.layers}",
+            "scoring": self.scorer.mode,
+        }
+
+
+def _training_data(cfg: RunConfig) -> tuple[list[MCQExample], list[MCQExample]]:
+    seed = cfg.train.seed
+    if cfg.data.data:
+        train, validation = split_validation(resolve_dataset(cfg.data.data, "train"), cfg.data.val_fraction, seed)
+    else:
+        splits = task_splits(cfg.data.task)
+        train = resolve_dataset(cfg.data.task, splits.train)
+        if splits.validation and splits.validation != splits.test:
+            validation = resolve_dataset(cfg.data.task, splits.validation)
+        else:  # the paper's choice when there is no separate validation split: a seeded 20% of train
+            train, validation = split_validation(train, cfg.data.val_fraction, seed)
+    train = limit(train, cfg.data.train_limit or None, seed)
+    validation = limit(validation, cfg.data.val_limit or None, seed)
+    return train, validation
+
+
+def open_session(cfg: RunConfig, lm: LoadedModel | None = None, with_data: bool = True) -> Session:
+    """Load the model (or reuse ``lm``), add LoRA and set up scoring and data."""
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    lm = lm if lm is not None else load_model(cfg.model)
+    model = add_lora(lm.model, cfg.lora, seed=cfg.train.seed)
+    scorer = Scorer(model, lm.tokenizer, lm.scoring, max_length=cfg.model.max_length, train_head=cfg.model.train_head)
+    session = Session(cfg=cfg, lm=lm, model=model, scorer=scorer, cache=HiddenCache(scorer))
+    if with_data:
+        session.train, session.validation = _training_data(cfg)
+    return session
+
+
+@torch.no_grad()
+def reset_trainable(session: Session, seed: int) -> None:
+    """Fresh LoRA init for an ensemble member (lora_A kaiming-uniform from a seeded generator, lora_B zero,
+    letter head back to the LM-head rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    head = decoder_parts(session.model).lm_head.weight
+    for name, module in session.model.named_modules():
+        if isinstance(module, LetterHead):
+            module.weight.copy_(head[module.token_ids])
+    for name, param in trainable_parameters(session.model).items():
+        if "lora_A" in name:
+            nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
+        elif "lora_B" in name:
+            param.zero_()
+
+
+def _needed_posteriors(rows: list[str]) -> list[str]:
+    return sorted({ROWS[r].posterior for r in rows} - {"init"})
+
+
+def _posterior_kwargs(name: str, cfg: RunConfig) -> dict[str, Any]:
+    return {"max_rank": cfg.swag.max_rank} if name == "swag" else {}
+
+
+def member_seed(cfg: RunConfig, index: int) -> int:
+    return cfg.train.seed * 1000 + index
+
+
+def _save_adapter(model: nn.Module, directory: Path) -> None:
+    """Save the PEFT adapter atomically (temporary directory, then rename)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_members(session: Session, run_dir: Path, members: list[int], rows: list[str], progress: bool = True) -> None:
+    """Train each member (its own seed), collecting the posteriors the table rows need; skip finished ones."""
+    cfg = session.cfg
+    names = _needed_posteriors(rows)
+    for index in members:
+        out = run_dir / "members" / str(index)
+        if (out / "done.json").is_file():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+        seed = member_seed(cfg, index)
+        reset_trainable(session, seed)
+        model = session.model
+        meta = session.metadata
+        get_method("map")(model).save(out / "posteriors" / "init", meta)  # the zero-shot model
+        posteriors = {n: get_method(n)(model, **_posterior_kwargs(n, cfg)) for n in names}
+        along = [p for p in posteriors.values() if p.trajectory]
+
+        def at_map_end(m: nn.Module) -> None:
+            for p in posteriors.values():
+                if not p.trajectory:
+                    p.collect(m)
+                    p.fit(m, [session.train[i : i + cfg.train.batch_size] for i in range(0, len(session.train), cfg.train.batch_size)],
+                          session_loss(session))
+
+        result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
+                     cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress)
+        for name, p in posteriors.items():
+            p.save(out / "posteriors" / name, meta)
+        with torch.no_grad():  # the adapter on disk holds the MAP weights, not the last SWAG-phase ones
+            params = trainable_parameters(model)
+            for k, v in result.map_state.items():
+                params[k].copy_(v)
+        _save_adapter(model, out / "adapter")
+        atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
+                                              "examples_per_second": result.examples_per_second,
+                                              "n_train": len(session.train), "library_version": __version__})
+
+
+def session_loss(session: Session):
+    """``loss_fn(model, examples) -> (logits, labels)`` for post-hoc methods (Laplace)."""
+
+    def loss_fn(model: nn.Module, examples: list[MCQExample]):
+        batch = session.scorer.batch(examples)
+        return session.scorer.top(session.cache.hidden(batch), batch), batch.labels
+
+    return loss_fn
+
+
+def _member_dirs(run_dirs: list[Path]) -> list[Path]:
+    found = []
+    for run in run_dirs:
+        for member in sorted((run / "members").glob("*"), key=lambda p: int(p.name) if p.name.isdigit() else 0):
+            if (member / "done.json").is_file():
+                found.append(member)
+    if not found:
+        raise FileNotFoundError(f"no finished members under {', '.join(str(r) for r in run_dirs)} (train first)")
+    return found
+
+
+def build_row_posterior(row: Row, member_dirs: list[Path], model: nn.Module, metadata: dict) -> Posterior:
+    dirs = member_dirs if row.all_members else member_dirs[:1]
+    loaded = [load_posterior(d / "posteriors" / row.posterior, model=model, expected_metadata=metadata) for d in dirs]
+    return Ensemble(loaded) if row.all_members else loaded[0]
+
+
+def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
+    """(name, role, examples) for validation, the in-distribution test split and every shift set."""
+    cfg = session.cfg
+    lim = cfg.eval.limit or None
+    seed = cfg.train.seed
+    sets = [("validation", "validation", session.validation)]
+    if cfg.eval.test:
+        name = cfg.eval.test
+        sets.append((_display_name(name), "test", limit(resolve_dataset(name, "test"), lim, seed)))
+    elif cfg.data.data:
+        name = cfg.data.data  # user data without a test set: validation only (add --test-data)
+    else:
+        name = cfg.data.task
+        split = task_splits(cfg.data.task).test if cfg.eval.split == "test" else cfg.eval.split
+        sets.append((name, "test", limit(resolve_dataset(cfg.data.task, split), lim, seed)))
+    for spec in [s.strip() for s in cfg.eval.shift.split(",") if s.strip()]:
+        if spec == name:
+            continue
+        sets.append((_display_name(spec), "shift", limit(resolve_dataset(spec, "test"), lim, seed)))
+    return sets
+
+
+def _display_name(spec: str) -> str:
+    """Short name of a data spec: a file's stem, else the spec itself."""
+    return Path(spec).name.split(".")[0] if spec.endswith((".jsonl", ".jsonl.gz")) else spec
+
+
+def _write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tensor, info: dict) -> dict:
+    labels = torch.tensor([ex.answer_index for ex in examples])
+    probs = metrics.predictive(sample_probs)
+    result = {**metrics.summarize(sample_probs, labels), **info}
+    unc = metrics.uncertainty(sample_probs)
+    lines = []
+    for i, ex in enumerate(examples):
+        p = probs[i, : ex.n_choices]
+        pred = int(p.argmax())
+        lines.append(json.dumps({
+            "id": ex.id, "question": ex.question, "probs": [round(float(x), 6) for x in p], "labels": list(ex.labels),
+            "answer": ex.answer, "prediction": ex.labels[pred], "confidence": float(p[pred]), "correct": pred == ex.answer_index,
+            "total_entropy": float(unc["total_entropy"][i]), "expected_entropy": float(unc["expected_entropy"][i]),
+            "mutual_information": float(unc["mutual_information"][i]),
+        }))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    atomic_write_json(out / "metrics.json", result)
+    return result
+
+
+def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
+    """Evaluate every table row on every evaluation set with the shared prediction path."""
+    from tqdm.auto import tqdm
+
+    cfg = session.cfg
+    members = _member_dirs(run_dirs)
+    sets = eval_sets(session)
+    results = []
+    total = sum(len(ex) for _, _, ex in sets)
+    for r_index, name in enumerate(rows):
+        row = ROWS[name]
+        posterior = build_row_posterior(row, members, session.model, session.metadata)
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + r_index)
+        n = cfg.swag.samples if row.sampled else 1
+        scale = row.scale if row.scale is not None else (None if cfg.swag.scale == "auto" else float(cfg.swag.scale))
+        thetas = posterior.draws(n, generator=generator, scale=scale)  # the same S draws for every set and batch
+        bar = tqdm(total=total * len(thetas), desc=f"eval {name}", disable=not progress, leave=False, unit="ex")
+        for set_name, role, examples in sets:
+            if not examples:
+                continue
+            t0 = time.perf_counter()
+            logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size,
+                                    stochastic=posterior.stochastic_forward, dropout_generator=generator)
+            bar.update(len(examples) * len(thetas))
+            info = {"method": name, "eval_set": set_name, "role": role, "n_samples": len(thetas),
+                    "n_members": len(members) if row.all_members else 1, "scale": scale if row.posterior.startswith("swag") else None,
+                    "seconds": time.perf_counter() - t0, "seed": cfg.train.seed}
+            results.append(_write_eval(out_dir / "eval" / set_dir_name(set_name) / name, examples, torch.softmax(logits, -1), info))
+        bar.close()
+    return results
+
+
+def save_config(cfg: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    data = config_to_dict(cfg)
+    if path.is_file():
+        saved = read_json(path)
+        if saved != data:
+            changed = sorted(f"{s}.{k}" for s in data for k in data[s] if saved.get(s, {}).get(k) != data[s][k])
+            if any(not c.startswith("eval.") for c in changed):
+                raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
+                                 "use another --out or --overwrite")
+    atomic_write_json(path, data)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    return config_from_dict(read_json(run_dir / "config.json"), source=str(run_dir / "config.json"))
+
+
+def table_rows(cfg: RunConfig) -> list[str]:
+    rows = ["zero-shot"] + [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"Unknown method {unknown[0]!r}. Available: {', '.join(ROWS)}")
+    if cfg.swag.epochs == 0:
+        rows = [r for r in rows if not ROWS[r].posterior.startswith("swag")]
+    if cfg.swag.members < 2:
+        rows = [r for r in rows if not ROWS[r].all_members]
+    return list(dict.fromkeys(rows))
+
+
+def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """The main job: train the members, evaluate every row on every set, write the results."""
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    save_config(cfg, run_dir)
+    rows = table_rows(cfg)
+    session = open_session(cfg)
+    train_members(session, run_dir, list(range(cfg.swag.members)), rows, progress=progress)
+    return evaluate_run(session, [run_dir], rows, run_dir, progress=progress)
+
+
+def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> list[dict]:
+    """Zero-shot evaluation of the base model (LoRA at init is the identity) on ``--data`` or ``--task/--split``;
+    writes ``out_dir/metrics.json`` and ``out_dir/predictions.jsonl``."""
+    cfg = session.cfg
+    spec = cfg.data.data or cfg.data.task
+    split = cfg.eval.split if cfg.data.data or cfg.eval.split != "test" else task_splits(cfg.data.task).test
+    examples = limit(resolve_dataset(spec, split), cfg.eval.limit or None, cfg.train.seed)
+    thetas = [{k: v.detach().clone() for k, v in trainable_parameters(session.model).items()}]
+    logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
+    info = {"method": "zero-shot", "eval_set": spec, "role": "test", "n_samples": 1, "n_members": 1, "scale": None,
+            "seconds": None, "seed": cfg.train.seed, "model": session.lm.name, "scoring": session.scorer.mode}
+    return [_write_eval(out_dir, examples, torch.softmax(logits, -1), info)]
