@@ -427,7 +427,6 @@ def _raw_runs(results: dict[str, Any]) -> list[_Run]:
         notes: list[str] = []
         runs = sorted((_load_run(Path(d), i, notes) for i, d in enumerate(results["runs"])),
                       key=lambda r: r.seed)
-        results["_raw"] = runs
     return runs
 
 
@@ -504,9 +503,10 @@ def _md_escape(text: Any) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) -> list[str]:
+    """Markdown table; the first ``left`` columns are left-aligned text, the rest right-aligned."""
     lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+             "|" + "|".join(["---"] * left + ["---:"] * (len(header) - left)) + "|"]
     lines += ["| " + " | ".join(rows_i) + " |" for rows_i in rows]
     return lines + [""]
 
@@ -532,7 +532,7 @@ def _ood_table(results: dict[str, Any], shifts: Sequence[str]) -> list[str]:
                 continue
             rows.append([_md_escape(m), label] + [format_cell(d.get(s, {}).get(f"ood_{st}_{score}"))
                                                   for s in shifts for st in OOD_STATS])
-    return _md_table(header, rows)
+    return _md_table(header, rows, left=2)
 
 
 def _distribution(row: dict[str, Any]) -> str:
@@ -568,7 +568,7 @@ def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
     L += _md_table(["Set", "Role", "Examples", "Methods"],
                    [[_md_escape(s), roles[s], "" if results["sets"][s]["n"] is None else str(results["sets"][s]["n"]),
                      str(sum(1 for m in results["methods"] if s in results["metrics"].get(m, {})))]
-                    for s in sets])
+                    for s in sets], left=2)
 
     L += ["## Main results", "",
           "Accuracy (ACC, higher is better), expected calibration error (ECE, 15 bins), negative "
@@ -617,6 +617,8 @@ def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
             L += _md_table(header, rows)
 
     L += ["## Figures", ""]
+    if not (figures.get("reliability") or figures.get("risk_coverage") or figures.get("entropy")):
+        L += ["No figures: they need predictions on an in-distribution test set.", ""]
     if figures.get("reliability"):
         L += [f"### Reliability diagrams (`{ref}`, pooled over seeds)", ""]
         L += [f"![reliability {m}]({p})" for m, p in figures["reliability"].items()] + [""]
@@ -635,7 +637,7 @@ def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
         L += _md_table(["#", "Question", "Predicted distribution", "Prediction", "Answer", "Entropy"],
                        [[str(i + 1), _md_escape(_truncate(q.get("question"))), _distribution(q),
                          _md_escape(q.get("prediction")), _md_escape(q.get("answer")),
-                         format_number(q["total_entropy"])] for i, q in enumerate(uq["questions"])])
+                         format_number(q["total_entropy"])] for i, q in enumerate(uq["questions"])], left=5)
     return "\n".join(L).rstrip() + "\n"
 
 
@@ -695,7 +697,7 @@ def _figures(results: dict[str, Any], fig_dir: Path) -> dict[str, Any]:
         ax.bar(lower, accs, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
         has = np.asarray(b["count"]) > 0
         ax.bar(lower[has], (confs - accs)[has], bottom=accs[has], width=width, align="edge",
-               edgecolor="tab:red", color="tab:red", alpha=0.25, label="gap to confidence")
+               color="none", edgecolor="tab:red", hatch="//", linewidth=0.8, label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
                title=f"{m} on {ref}: ECE {format_number(e)} (pooled)")
@@ -756,6 +758,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, abstain_risk: flo
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    results = {**results, "_raw": _raw_runs(results)}  # the caller's dict is left untouched
     if abstain_risk is not None and results.get("abstain_risk") != float(abstain_risk):
         results = add_abstention(results, abstain_risk)
     figures = _figures(results, out_dir / "figures")
@@ -778,7 +781,7 @@ def print_table(results: dict[str, Any]) -> str:
             if d is None:
                 continue
             rows.append([s, results["sets"][s]["role"], m] + [format_cell(d.get(k)) for k in BASE_METRICS])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     n = len(results["seeds"])
 
     def line(cells: Sequence[str]) -> str:

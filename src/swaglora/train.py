@@ -101,6 +101,14 @@ def fit(
         log_path: per-epoch metrics are appended here as JSON lines.
         seed: data-order seed (one generator, never the global RNG).
     """
+    # Dropout draws its masks from torch's global RNG: run the loop on a forked global RNG seeded from
+    # ``seed``, so training is reproducible and the caller's RNG state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.set_state(torch.Generator().manual_seed(seed + 1).get_state())
+        return _fit(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress)
+
+
+def _fit(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress) -> TrainResult:
     from tqdm.auto import tqdm
 
     model = scorer.model

@@ -21,7 +21,9 @@ from swaglora.posterior.base import (
     Posterior,
     load_posterior,
 )
+from swaglora.posterior.dropout import MCDropout
 from swaglora.posterior.ensemble import Ensemble
+from swaglora.posterior.laplace import Laplace
 from swaglora.posterior.map import MAP
 from swaglora.posterior.swag import SWAG, SWAGDiag, SWAGState
 
@@ -59,7 +61,7 @@ def get_method(name: str) -> type[Posterior]:
         raise UnknownMethodError(f"Unknown method {name!r}. Available: {', '.join(method_names())}") from None
 
 
-for _cls in (MAP, SWAG, SWAGDiag, Ensemble):
+for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace):
     register(_cls)
 del _cls
 
@@ -73,6 +75,8 @@ __all__ = [
     "SWAGDiag",
     "SWAGState",
     "Ensemble",
+    "Laplace",
+    "MCDropout",
     "Posterior",
     "UnknownMethodError",
     "get_method",

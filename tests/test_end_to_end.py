@@ -1,0 +1,117 @@
+"""The whole pipeline on the tiny model through the CLI: train, evaluate, files, metrics recomputed from predictions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from swaglora import metrics
+from swaglora.cli import main
+from swaglora.posterior import load_posterior
+
+from conftest import make_examples, write_jsonl
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    return (
+        write_jsonl(tmp_path / "train.jsonl", make_examples(32, 0, "tr")),
+        write_jsonl(tmp_path / "test.jsonl", make_examples(16, 1, "te")),
+        write_jsonl(tmp_path / "shift.jsonl", make_examples(12, 2, "sh")),
+    )
+
+
+def _common(model_dir, data_files, scoring="cloze"):
+    train, test, shift = data_files
+    return ["--model", str(model_dir), "--scoring", scoring, "--data", str(train), "--test-data", str(test),
+            "--shift", str(shift), "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--members", "2",
+            "--swag-samples", "3", "--batch-size", "8", "--lora-r", "2", "--quiet"]
+
+
+def recompute(pred_file: Path) -> dict:
+    rows = [json.loads(line) for line in pred_file.read_text().splitlines()]
+    c = max(len(r["probs"]) for r in rows)
+    probs = torch.zeros(len(rows), c, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        probs[i, : len(r["probs"])] = torch.tensor(r["probs"], dtype=torch.float64)
+    probs = probs / probs.sum(-1, keepdim=True)  # probabilities are stored rounded to 6 decimals
+    labels = torch.tensor([r["labels"].index(r["answer"]) for r in rows])
+    return metrics.summarize(probs, labels)
+
+
+@pytest.mark.parametrize("scoring", ["cloze", "letter"])
+def test_train_then_evaluate(tmp_path, tiny_model_dir, data_files, scoring):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *_common(tiny_model_dir, data_files, scoring)]) == 0
+    for member in ("0", "1"):
+        d = run / "members" / member
+        assert (d / "done.json").is_file()
+        assert (d / "adapter" / "adapter_model.safetensors").is_file()
+        assert not (d / "adapter" / "model.safetensors").exists()  # never the base model
+        for name in ("init", "map", "swag", "swag-diag"):
+            assert sorted(p.name for p in (d / "posteriors" / name).iterdir()) == ["posterior.safetensors", "posterior_config.json"]
+        log = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+        assert [r["phase"] for r in log] == ["map", "swag", "swag"]
+    swag = load_posterior(run / "members" / "0" / "posteriors" / "swag")
+    assert swag.n_collected == 4 // 2 * 2  # 4 steps per epoch x 2 epochs, every 2 steps
+    assert (run / "config.json").is_file()
+
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    rows = {p.name for p in (run / "eval" / "test").iterdir()}
+    assert rows == {"zero-shot", "map", "swa", "swag-diag", "swag", "multiswag", "ensemble"}
+    for set_dir in ("validation", "test", "shift"):
+        for row in rows:
+            out = run / "eval" / set_dir / row
+            saved = json.loads((out / "metrics.json").read_text())
+            again = recompute(out / "predictions.jsonl")
+            for key in ("accuracy", "ece", "nll", "brier"):
+                assert saved[key] == pytest.approx(again[key], abs=2e-5), (set_dir, row, key)
+            assert saved["n"] == again["n"]
+    multiswag = json.loads((run / "eval" / "test" / "multiswag" / "metrics.json").read_text())
+    assert multiswag["n_samples"] == 6 and multiswag["n_members"] == 2
+    swa = [json.loads(l) for l in (run / "eval" / "test" / "swa" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["mutual_information"] == 0.0 for r in swa)  # one draw: no epistemic part
+
+
+def test_training_changes_the_model_and_is_reproducible(tmp_path, tiny_model_dir, data_files):
+    args = _common(tiny_model_dir, data_files)
+    assert main(["train", "--out", str(tmp_path / "a"), *args, "--members", "1"]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), *args, "--members", "1"]) == 0
+    pa = load_posterior(tmp_path / "a" / "members" / "0" / "posteriors" / "swag").state_dict()
+    pb = load_posterior(tmp_path / "b" / "members" / "0" / "posteriors" / "swag").state_dict()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    init = load_posterior(tmp_path / "a" / "members" / "0" / "posteriors" / "init").sample()
+    trained = load_posterior(tmp_path / "a" / "members" / "0" / "posteriors" / "map").sample()
+    assert any(not torch.equal(init[k], trained[k]) for k in init)
+
+
+def test_finished_members_are_not_retrained(tmp_path, tiny_model_dir, data_files):
+    run = tmp_path / "run"
+    args = _common(tiny_model_dir, data_files)
+    assert main(["train", "--out", str(run), *args, "--members", "1"]) == 0
+    stamp = (run / "members" / "0" / "done.json").stat().st_mtime_ns
+    assert main(["train", "--out", str(run), *args, "--members", "1"]) == 0
+    assert (run / "members" / "0" / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_zero_shot_evaluate_writes_metrics_and_predictions(tmp_path, tiny_model_dir, data_files, capsys):
+    out = tmp_path / "zs"
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(data_files[1]), "--out", str(out), "--quiet"]) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(["accuracy", "ece", "nll", "brier", "n"]) <= set(saved)
+    assert saved["n"] == 16
+    again = recompute(out / "predictions.jsonl")
+    assert saved["nll"] == pytest.approx(again["nll"], abs=2e-5)
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_changed_config_on_existing_run_is_refused(tmp_path, tiny_model_dir, data_files, capsys):
+    run = tmp_path / "run"
+    args = _common(tiny_model_dir, data_files)
+    assert main(["train", "--out", str(run), *args, "--members", "1"]) == 0
+    assert main(["train", "--out", str(run), *args, "--members", "1", "--lr", "0.5"]) == 2
+    assert "train.lr" in capsys.readouterr().err

@@ -1,0 +1,377 @@
+"""Tests for swaglora.report on synthetic evaluation directories (2 seeds, 3 methods, 4 sets)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from swaglora import metrics as M
+from swaglora import report as R
+
+METHODS = {"map": 1, "swag": 8, "map+ts": 1}  # method -> n_samples
+SETS = [("arc_easy:val", "validation"), ("arc_easy", "test"), ("arc_challenge", "shift"), ("mmlu:stem", "shift")]
+SEEDS = (0, 1)
+N = 40
+LETTERS = "ABCD"
+RISK = 0.3
+
+
+def set_dir(name: str) -> str:
+    return name.replace(":", "_")
+
+
+def make_run(root: Path, seed: int, methods: dict[str, int] = METHODS, sets=SETS) -> Path:
+    run = root / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"seed": seed}, "eval": {"shift": "arc_challenge,mmlu:stem"}}))
+    for si, (name, role) in enumerate(sets):
+        g = np.random.default_rng(1000 * seed + si)
+        n_choices = np.where(np.arange(N) % 5 == 0, 3, 4)  # some questions have 3 choices
+        labels = np.asarray([g.integers(0, c) for c in n_choices])
+        for mi, (method, s) in enumerate(methods.items()):
+            gm = np.random.default_rng(1000 * seed + 100 * si + mi)
+            conc = 5.0 if role == "shift" else 1.0  # shift: flatter
+            samples = np.zeros((s, N, 4))
+            for i in range(N):
+                c = n_choices[i]
+                base = gm.dirichlet(np.full(c, conc))
+                base[labels[i]] += 0.6 if role != "shift" else 0.1  # informative in-distribution
+                base /= base.sum()
+                samples[:, i, :c] = gm.dirichlet(base * 20 + 0.05, size=s)
+            probs = samples.mean(0)
+            u = M.uncertainty(samples)
+            d = run / "eval" / set_dir(name) / method
+            d.mkdir(parents=True)
+            lines = []
+            for i in range(N):
+                c = n_choices[i]
+                pred = int(probs[i].argmax())
+                lines.append(json.dumps({
+                    "id": f"{name}-{i}", "question": f"Question {i} of {name}? " + "very long words " * (i % 7) * 3,
+                    "probs": probs[i, :c].tolist(), "labels": list(LETTERS[:c]), "answer": LETTERS[labels[i]],
+                    "prediction": LETTERS[pred], "confidence": float(probs[i].max()),
+                    "correct": bool(pred == labels[i]), "total_entropy": float(u["total_entropy"][i]),
+                    "expected_entropy": float(u["expected_entropy"][i]),
+                    "mutual_information": float(u["mutual_information"][i]),
+                }))
+            (d / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+            y = torch.as_tensor(labels)
+            summ = M.summarize(torch.as_tensor(probs), y)
+            (d / "metrics.json").write_text(json.dumps({
+                **{k: summ[k] for k in ("accuracy", "ece", "nll", "brier", "n")},
+                "method": method, "eval_set": name, "role": role, "n_samples": s, "scale": 0.5,
+                "seconds": 1.0 + seed + mi, "seed": seed}))
+    return run
+
+
+def read_preds(run: Path, name: str, method: str) -> dict[str, np.ndarray]:
+    rows = [json.loads(x) for x in (run / "eval" / set_dir(name) / method / "predictions.jsonl").read_text().splitlines()]
+    return {k: np.asarray([float(r[k]) for r in rows]) for k in
+            ("confidence", "correct", "total_entropy", "expected_entropy", "mutual_information")}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = [make_run(root, s) for s in SEEDS]
+    results = R.collect_results(runs)
+    out = root / "report"
+    report = R.write_report(results, out, abstain_risk=RISK)
+    return runs, results, out, report
+
+
+def parse_tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Markdown tables as (header, rows); cells split on unescaped '|'."""
+    def cells(line: str) -> list[str]:
+        parts, cur, esc = [], "", False
+        for ch in line.strip()[1:-1]:
+            if esc:
+                cur += ch
+                esc = False
+            elif ch == "\\":
+                cur += ch
+                esc = True
+            elif ch == "|":
+                parts.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        return parts + [cur.strip()]
+
+    tables, block = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            tables.append((cells(block[0]), [cells(x) for x in block[2:]]))
+            block = []
+    return tables
+
+
+def split_header(h: str, sets) -> tuple[str, str]:
+    for s in sets:
+        if h.startswith(s + " "):
+            return s, h[len(s) + 1:]
+    raise AssertionError(f"unexpected column {h!r}")
+
+
+LABEL_TO_KEY = {v: k for k, v in R.METRIC_LABELS.items()}
+
+
+# ------------------------------------------------------------------------------ tests
+def test_files_exist_and_pngs_are_valid(built):
+    import matplotlib.image as mpimg
+
+    _, results, out, report = built
+    assert report == out / "report.md"
+    for f in ("report.md", "results.csv", "results.json"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0
+    names = {f"reliability_{m}.png" for m in ("map", "swag", "map_ts")} | {
+        f"entropy_{m}.png" for m in ("map", "swag", "map_ts")} | {"risk_coverage.png"}
+    assert {p.name for p in (out / "figures").iterdir()} == names
+    md = report.read_text()
+    for name in names:
+        p = out / "figures" / name
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        img = mpimg.imread(str(p))
+        assert img.ndim == 3 and img.shape[0] >= 200 and img.shape[1] >= 200
+        assert img.std() > 0.01  # not blank
+        assert f"](figures/{name})" in md
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_markdown_numbers_equal_json(built):
+    _, _, out, report = built
+    res = json.loads((out / "results.json").read_text())
+    md = report.read_text()
+    tables = parse_tables(md)
+    sets = res["eval_sets"]
+    checked = 0
+    seen_kinds = set()
+    for header, rows in tables:
+        if header[:2] == ["Set", "Role"]:
+            for s, role, n, _ in rows:
+                assert res["sets"][s]["role"] == role and int(n) == res["sets"][s]["n"] == N
+            seen_kinds.add("sets")
+            continue
+        if header == ["Method", "Samples"]:
+            for m, s in rows:
+                assert int(s) == res["n_samples"][m] == METHODS[m]
+            continue
+        if header[0] == "#":
+            seen_kinds.add("uncertain")
+            qs = res["uncertain_questions"]["questions"]
+            assert len(rows) == len(qs) == 10
+            for row, q in zip(rows, qs):
+                assert row[5] == R.format_number(q["total_entropy"])
+                assert row[2] == " · ".join(f"{lab} {p:.2f}" for lab, p in zip(q["labels"], q["probs"]))
+                assert row[4] == q["answer"] and len(row[1]) <= 120
+            continue
+        assert header[0] == "Method", header
+        ood = header[1] == "Score"
+        score_labels = {lab: k for k, (_, lab) in R.OOD_SCORES.items()}
+        first = 2 if ood else 1
+        for row in rows:
+            m = row[0]
+            for h, cell in zip(header[first:], row[first:]):
+                s, label = split_header(h, sets)
+                if ood:
+                    stat = {v: k for k, v in R.OOD_STATS.items()}[label]
+                    key = f"ood_{stat}_{score_labels[row[1]]}"
+                    seen_kinds.add("ood")
+                elif label == "Threshold":
+                    key = "abstain_threshold"
+                    seen_kinds.add("abstain")
+                else:
+                    key = LABEL_TO_KEY[label]  # base, selective, abstain_risk / abstain_coverage
+                st = res["metrics"][m][s][key]
+                if st["n_seeds"] > 1:
+                    assert cell == f"{R.format_number(st['mean'])} ± {R.format_number(st['std'])}"
+                else:
+                    assert cell == R.format_number(st["mean"])
+                checked += 1
+    assert seen_kinds == {"sets", "uncertain", "ood", "abstain"}
+    # main (3x2x4) + val (3x4) + OOD (map, map+ts: 1 row; swag: 3 rows; 2 sets x 3) + sel (3x4x4) + abst
+    assert checked >= 24 + 12 + 5 * 6 + 48 + 3 * 9
+    assert f"Target risk {R.format_number(RISK)}" in md
+
+
+def test_csv_agrees_with_json(built):
+    _, _, out, _ = built
+    res = json.loads((out / "results.json").read_text())
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["method", "eval_set", "role", "metric", "mean", "std", "n_seeds"]
+    n_json = sum(len(d) for sets in res["metrics"].values() for d in sets.values())
+    assert len(rows) == n_json
+    for r in rows:
+        st = res["metrics"][r["method"]][r["eval_set"]][r["metric"]]
+        assert r["role"] == res["sets"][r["eval_set"]]["role"]
+        assert (None if r["mean"] == "" else float(r["mean"])) == st["mean"]
+        assert (None if r["std"] == "" else float(r["std"])) == st["std"]
+        assert int(r["n_seeds"]) == st["n_seeds"]
+
+
+def test_mean_std_equal_numpy_and_stored_values(built):
+    runs, results, _, _ = built
+    assert results["seeds"] == list(SEEDS) and results["methods"] == ["map", "map+ts", "swag"]
+    assert results["eval_sets"] == [s for s, _ in SETS]
+    for m, sets in results["metrics"].items():
+        for s, d in sets.items():
+            for k, st in d.items():
+                assert st["seeds"] == list(SEEDS) and st["n_seeds"] == 2
+                if any(v is None for v in st["values"]):
+                    assert st["mean"] is None
+                    continue
+                v = np.asarray(st["values"])
+                assert st["mean"] == float(np.mean(v)) and st["std"] == float(np.std(v, ddof=1))
+    for run, seed in zip(runs, SEEDS):
+        for s, _ in SETS:
+            for m in METHODS:
+                stored = json.loads((run / "eval" / set_dir(s) / m / "metrics.json").read_text())
+                for k in ("accuracy", "ece", "nll", "brier"):
+                    assert results["metrics"][m][s][k]["values"][SEEDS.index(seed)] == stored[k]
+
+
+def test_ood_and_selective_by_hand(built):
+    runs, results, _, _ = built
+    for i, run in enumerate(runs):
+        for m in METHODS:
+            p_in = read_preds(run, "arc_easy", m)
+            for s in ("arc_challenge", "mmlu:stem"):
+                p_out = read_preds(run, s, m)
+                d = results["metrics"][m][s]
+                assert d["ood_auroc_entropy"]["values"][i] == M.auroc(p_in["total_entropy"], p_out["total_entropy"])
+                assert d["ood_aupr_entropy"]["values"][i] == M.aupr(p_in["total_entropy"], p_out["total_entropy"])
+                assert d["ood_fpr95_entropy"]["values"][i] == M.fpr_at_tpr(p_in["total_entropy"], p_out["total_entropy"])
+                if METHODS[m] > 1:
+                    assert d["ood_auroc_mi"]["values"][i] == M.auroc(p_in["mutual_information"], p_out["mutual_information"])
+                    assert d["ood_auroc_aleatoric"]["values"][i] == M.auroc(p_in["expected_entropy"], p_out["expected_entropy"])
+            for s, _ in SETS:
+                p = read_preds(run, s, m)
+                d = results["metrics"][m][s]
+                assert d["aurc"]["values"][i] == M.aurc(p["confidence"], p["correct"])
+                assert d["acc@80"]["values"][i] == M.accuracy_at_coverage(p["confidence"], p["correct"], 0.8)
+    # shift sets are built to be more uncertain: OOD detection by entropy beats chance
+    assert results["metrics"]["swag"]["mmlu:stem"]["ood_auroc_entropy"]["mean"] > 0.6
+
+
+def test_mi_rows_only_for_multi_sample_methods(built):
+    _, results, _, report = built
+    for m, s in METHODS.items():
+        keys = set(results["metrics"][m]["arc_challenge"])
+        assert "ood_auroc_entropy" in keys
+        has_mi = {"ood_auroc_mi", "ood_aupr_mi", "ood_fpr95_mi", "ood_auroc_aleatoric"} <= keys
+        assert has_mi == (s > 1)
+        assert not any("_mi" in k or "aleatoric" in k for k in keys) or s > 1
+    ood = next(t for t in parse_tables(report.read_text()) if t[0][1] == "Score")
+    rows = [(r[0], r[1]) for r in ood[1]]
+    assert rows == [("map", "entropy (total)"), ("map+ts", "entropy (total)"), ("swag", "entropy (total)"),
+                    ("swag", "MI (epistemic)"), ("swag", "expected entropy (aleatoric)")]
+
+
+def test_abstention_threshold_reaches_target_risk(built):
+    runs, _, out, _ = built
+    res = json.loads((out / "results.json").read_text())
+    assert res["abstain_risk"] == RISK
+    for i, run in enumerate(runs):
+        for m in METHODS:
+            val = read_preds(run, "arc_easy:val", m)
+            t = res["metrics"][m]["arc_easy:val"]["abstain_threshold"]["values"][i]
+            assert t is not None
+            assert t == M.abstention_threshold(val["confidence"], val["correct"], RISK)
+            risk, cov = M.selective_risk(val["confidence"], val["correct"], t)
+            assert risk <= RISK and cov > 0
+            assert res["metrics"][m]["arc_easy:val"]["abstain_risk"]["values"][i] == risk
+            for s in ("arc_easy", "arc_challenge", "mmlu:stem"):
+                p = read_preds(run, s, m)
+                r2, c2 = M.selective_risk(p["confidence"], p["correct"], t)
+                assert res["metrics"][m][s]["abstain_risk"]["values"][i] == r2
+                assert res["metrics"][m][s]["abstain_coverage"]["values"][i] == c2
+
+
+def test_uncertain_questions_from_first_seed_of_most_sampled_method(built):
+    runs, results, _, report = built
+    uq = results["uncertain_questions"]
+    assert (uq["method"], uq["seed"], uq["eval_set"]) == ("swag", 0, "arc_easy")
+    ent = read_preds(runs[0], "arc_easy", "swag")["total_entropy"]
+    assert [q["total_entropy"] for q in uq["questions"]] == sorted(ent.tolist(), reverse=True)[:10]
+    assert "## The ten most uncertain test questions" in report.read_text()
+
+
+def test_print_table(built):
+    _, results, _, _ = built
+    text = R.print_table(results)
+    lines = text.splitlines()
+    assert lines[0].split() == ["set", "role", "method", "ACC", "ECE", "NLL", "Brier"]
+    st = results["metrics"]["swag"]["arc_easy"]["accuracy"]
+    assert R.format_cell(st) in text and " ± " in R.format_cell(st)
+    for s, _ in SETS:
+        assert sum(1 for line in lines if line.startswith(s + " ")) == len(METHODS)
+
+
+def test_empty_run_dir_error(tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty_run"):
+        R.collect_results([empty])
+    with pytest.raises(ValueError, match="does_not_exist"):
+        R.collect_results([tmp_path / "does_not_exist"])
+    with pytest.raises(ValueError, match="no run directories"):
+        R.collect_results([])
+
+
+def test_missing_validation_and_missing_method(tmp_path):
+    sets = [x for x in SETS if x[1] != "validation"]
+    a = make_run(tmp_path, 0, sets=sets)
+    b = make_run(tmp_path, 1, methods={"map": 1, "swag": 8}, sets=sets)  # map+ts missing on seed 1
+    results = R.collect_results([b, a], abstain_risk=RISK)  # runs get sorted by seed
+    assert results["seeds"] == [0, 1] and results["validation_set"] is None
+    assert not any(k in R.ABSTAIN_METRICS for sets_ in results["metrics"].values()
+                   for d in sets_.values() for k in d)
+    notes = " ".join(results["notes"])
+    assert "no validation set" in notes and "map+ts is missing on seed(s) [1]" in notes
+    st = results["metrics"]["map+ts"]["arc_easy"]["accuracy"]
+    assert st["n_seeds"] == 1 and st["std"] == 0.0 and st["seeds"] == [0]
+    report = R.write_report(results, tmp_path / "out")
+    md = report.read_text()
+    assert "No validation set: abstention thresholds cannot be chosen" in md
+    assert "Threshold" not in md
+    row = next(r for h, rows in parse_tables(md) if h[0] == "Method" and "arc_easy ACC" in h
+               for r in rows if r[0] == "map+ts")
+    assert row[1] == R.format_number(st["mean"])  # one seed: no "± std"
+
+
+def test_report_from_results_json_rereads_runs(built, tmp_path):
+    _, _, out, _ = built
+    res = json.loads((out / "results.json").read_text())
+    report = R.write_report(res, tmp_path / "again")
+    assert (tmp_path / "again" / "figures" / "risk_coverage.png").is_file()
+    assert json.loads((tmp_path / "again" / "results.json").read_text()) == res
+    assert report.read_text() == (out / "report.md").read_text()
+
+
+def test_unreachable_target_risk_gives_na_threshold(tmp_path):
+    run = make_run(tmp_path, 0, methods={"map": 1, "swag": 8})
+    f = run / "eval" / set_dir("arc_easy:val") / "map" / "predictions.jsonl"
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    top = max(range(len(rows)), key=lambda i: rows[i]["confidence"])
+    rows[top]["correct"] = False  # the most confident validation answer is wrong: risk 0 unreachable
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    results = R.collect_results(run, abstain_risk=0.0)
+    st = results["metrics"]["map"]["arc_easy:val"]["abstain_threshold"]
+    assert st["values"] == [None] and st["mean"] is None and R.format_cell(st) == "n/a"
+    assert results["metrics"]["map"]["arc_easy"]["abstain_coverage"]["values"] == [0.0]
+    assert any("abstains on everything" in n for n in results["notes"])
+    md = R.write_report(results, tmp_path / "out").read_text()
+    row = next(r for h, rows in parse_tables(md) if "arc_easy:val Threshold" in h for r in rows if r[0] == "map")
+    assert row[1] == "n/a"
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]["map"]["arc_easy:val"][
+        "abstain_threshold"]["mean"] is None
+    assert R.format_number(float("inf")) == "n/a" and R.format_number(0.123456) == "0.1235"
