@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from .data import MCQExample, limit, resolve_dataset, split_validation, task_spl
 from .io import atomic_write_json, atomic_write_text, read_json
 from .models import LoadedModel, add_lora, decoder_parts, load_model, model_fingerprint
 from .params import trainable_parameters
-from .posterior import Ensemble, Posterior, get_method, load_posterior
+from .posterior import get_method, load_posterior
 from .predict import predict_logits
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
@@ -225,12 +226,6 @@ def _member_dirs(run_dirs: list[Path]) -> list[Path]:
     return found
 
 
-def build_row_posterior(row: Row, member_dirs: list[Path], model: nn.Module, metadata: dict) -> Posterior:
-    dirs = member_dirs if row.all_members else member_dirs[:1]
-    loaded = [load_posterior(d / "posteriors" / row.posterior, model=model, expected_metadata=metadata) for d in dirs]
-    return Ensemble(loaded) if row.all_members else loaded[0]
-
-
 def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
     """(name, role, examples) for validation, the in-distribution test split and every shift set."""
     cfg = session.cfg
@@ -280,34 +275,54 @@ def _write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tenso
 
 
 def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
-    """Evaluate every table row on every evaluation set with the shared prediction path."""
+    """Evaluate every table row on every evaluation set with the shared prediction path.
+
+    A row's predictive is the equal-weight mixture of its members' BMA predictions (one member, or all of
+    them for MultiSWAG / deep ensembles). Each member posterior is sampled once, with a generator seeded by
+    (seed, member, posterior), and its predictions are shared by every row that uses it: the ``swag`` row
+    and member 0 of ``multiswag`` are the same S draws, evaluated once.
+    """
     from tqdm.auto import tqdm
 
     cfg = session.cfg
     members = _member_dirs(run_dirs)
-    sets = eval_sets(session)
+    sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
+    memo: dict[tuple, tuple[dict[str, torch.Tensor], float]] = {}
+    configured = None if cfg.swag.scale == "auto" else float(cfg.swag.scale)
+    bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
+
+    def member_logits(index: int, posterior_name: str, scale: float | None, n: int) -> tuple[dict[str, torch.Tensor], float]:
+        key = (index, posterior_name, scale, n)
+        if key not in memo:
+            start = time.perf_counter()
+            directory = members[index] / "posteriors" / posterior_name
+            posterior = load_posterior(directory, model=session.model, expected_metadata=session.metadata)
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/{members[index]}/{posterior_name}".encode()))
+            thetas = posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
+            logits = {}
+            for set_name, _, examples in sets:
+                logits[set_name] = predict_logits(session.scorer, examples, thetas, cache=session.cache,
+                                                  batch_size=cfg.eval.batch_size, stochastic=posterior.stochastic_forward,
+                                                  dropout_generator=generator)
+                bar.update(len(examples) * len(thetas))
+            memo[key] = (logits, time.perf_counter() - start)
+        return memo[key]
+
     results = []
-    total = sum(len(ex) for _, _, ex in sets)
-    for r_index, name in enumerate(rows):
+    for name in rows:
         row = ROWS[name]
-        posterior = build_row_posterior(row, members, session.model, session.metadata)
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + r_index)
         n = cfg.swag.samples if row.sampled else 1
-        scale = row.scale if row.scale is not None else (None if cfg.swag.scale == "auto" else float(cfg.swag.scale))
-        thetas = posterior.draws(n, generator=generator, scale=scale)  # the same S draws for every set and batch
-        bar = tqdm(total=total * len(thetas), desc=f"eval {name}", disable=not progress, leave=False, unit="ex")
+        scale = row.scale if row.scale is not None else configured
+        used = range(len(members)) if row.all_members else range(1)
+        parts = [member_logits(i, row.posterior, scale, n) for i in used]
         for set_name, role, examples in sets:
-            if not examples:
-                continue
-            t0 = time.perf_counter()
-            logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size,
-                                    stochastic=posterior.stochastic_forward, dropout_generator=generator)
-            bar.update(len(examples) * len(thetas))
-            info = {"method": name, "eval_set": set_name, "role": role, "n_samples": len(thetas),
-                    "n_members": len(members) if row.all_members else 1, "scale": scale if row.posterior.startswith("swag") else None,
-                    "seconds": time.perf_counter() - t0, "seed": cfg.train.seed}
-            results.append(_write_eval(out_dir / "eval" / set_dir_name(set_name) / name, examples, torch.softmax(logits, -1), info))
-        bar.close()
+            logits = torch.cat([p[0][set_name] for p in parts])
+            info = {"method": name, "eval_set": set_name, "role": role, "n_samples": logits.shape[0],
+                    "n_members": len(used), "scale": scale if row.posterior.startswith("swag") else None,
+                    "seconds": sum(p[1] for p in parts), "seed": cfg.train.seed}
+            out = out_dir / "eval" / set_dir_name(set_name) / name
+            results.append(_write_eval(out, examples, torch.softmax(logits, -1), info))
+    bar.close()
     return results
 
 
