@@ -115,3 +115,17 @@ def test_changed_config_on_existing_run_is_refused(tmp_path, tiny_model_dir, dat
     assert main(["train", "--out", str(run), *args, "--members", "1"]) == 0
     assert main(["train", "--out", str(run), *args, "--members", "1", "--lr", "0.5"]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_path, tiny_model_dir, data_files):
+    from swaglora.pipeline import SCALE_GRID
+
+    run = tmp_path / "run"
+    args = _common(tiny_model_dir, data_files)
+    assert main(["train", "--out", str(run), *args, "--members", "1"]) == 0
+    assert main(["evaluate", "--run", str(run), "--swag-scale", "auto", "--methods", "swag", "--quiet"]) == 0
+    choice = json.loads((run / "eval" / "scale-swag.json").read_text())
+    grid = {float(k): v for k, v in choice["grid_nll"].items()}
+    assert set(grid) == set(SCALE_GRID)
+    assert choice["chosen"] == min(grid, key=grid.get)
+    assert json.loads((run / "eval" / "test" / "swag" / "metrics.json").read_text())["scale"] == choice["chosen"]

@@ -67,6 +67,10 @@ ROWS: dict[str, Row] = {
 }
 
 
+#: ``--swag-scale auto`` chooses among these covariance scales by validation NLL.
+SCALE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
 def set_dir_name(name: str) -> str:
     """A filesystem-safe directory name for an evaluation set (no path can escape the run directory)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-")
@@ -308,11 +312,35 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
             memo[key] = (logits, time.perf_counter() - start)
         return memo[key]
 
+    chosen: dict[tuple, float] = {}
+
+    def auto_scale(posterior_name: str, n: int) -> float:
+        """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, same draws)."""
+        key = (posterior_name, n)
+        if key not in chosen:
+            validation = [ex for set_name, role, ex in sets if role == "validation"]
+            if not validation:
+                raise ValueError("--swag-scale auto needs a validation set")
+            labels = torch.tensor([ex.answer_index for ex in validation[0]])
+            posterior = load_posterior(members[0] / "posteriors" / posterior_name, model=session.model,
+                                       expected_metadata=session.metadata)
+            scores = {}
+            for grid_scale in SCALE_GRID:
+                generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/auto/{posterior_name}".encode()))
+                thetas = posterior.draws(n, generator=generator, scale=grid_scale)
+                logits = predict_logits(session.scorer, validation[0], thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
+                scores[grid_scale] = metrics.nll(metrics.predictive(torch.softmax(logits, -1)), labels)
+            chosen[key] = min(scores, key=scores.get)
+            atomic_write_json(out_dir / "eval" / f"scale-{posterior_name}.json", {"grid_nll": scores, "chosen": chosen[key]})
+        return chosen[key]
+
     results = []
     for name in rows:
         row = ROWS[name]
         n = cfg.swag.samples if row.sampled else 1
         scale = row.scale if row.scale is not None else configured
+        if scale is None and row.sampled and row.posterior.startswith("swag"):
+            scale = auto_scale(row.posterior, n)
         used = range(len(members)) if row.all_members else range(1)
         parts = [member_logits(i, row.posterior, scale, n) for i in used]
         for set_name, role, examples in sets:

@@ -296,6 +296,15 @@ class HiddenCache:
             out[i, : h.shape[0]] = h
         return out
 
+    def fill(self, examples: list[MCQExample], batch_size: int = 16) -> None:
+        """Compute the lower layers for all ``examples`` up front, in length-sorted batches (little padding)."""
+        if not self.enabled:
+            return
+        encoded = self.scorer.encode(examples)
+        todo = sorted((i for i, ex in enumerate(examples) if key(ex) not in self._store), key=lambda i: len(encoded[i].input_ids))
+        for start in range(0, len(todo), batch_size):
+            self.hidden(self.scorer.batch([examples[i] for i in todo[start : start + batch_size]]))
+
     def __len__(self) -> int:
         return len(self._store)
 

@@ -113,6 +113,7 @@ def _fit(scorer, train, validation, cfg, collectors, on_map_done, cache, log_pat
 
     model = scorer.model
     cache = cache if cache is not None else HiddenCache(scorer)
+    cache.fill(list(train) + list(validation), cfg.eval.batch_size)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator().manual_seed(seed)
