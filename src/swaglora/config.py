@@ -275,7 +275,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
                 raise ConfigError(
                     f"{source}: unknown key {section}.{name!s}. Valid keys: {', '.join(_valid_keys())}"
                 )
-            kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
+            label = f"{section}.{name}" if source == "config" else f"{source}: {section}.{name}"
+            kwargs[name] = _coerce(label, value, hints[name])
         sections[section] = cls(**kwargs)
     return RunConfig(**sections)
 

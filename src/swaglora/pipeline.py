@@ -386,10 +386,10 @@ def table_rows(cfg: RunConfig) -> list[str]:
 
 def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False) -> list[dict]:
     """The main job: train the members, evaluate every row on every set, write the results."""
+    rows = table_rows(cfg)  # validate the method names before touching the run directory
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     save_config(cfg, run_dir)
-    rows = table_rows(cfg)
     session = open_session(cfg)
     train_members(session, run_dir, list(range(cfg.swag.members)), rows, progress=progress)
     return evaluate_run(session, [run_dir], rows, run_dir, progress=progress)
