@@ -129,3 +129,25 @@ def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_pat
     assert set(grid) == set(SCALE_GRID)
     assert choice["chosen"] == min(grid, key=grid.get)
     assert json.loads((run / "eval" / "test" / "swag" / "metrics.json").read_text())["scale"] == choice["chosen"]
+
+
+def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_model_dir, data_files):
+    from swaglora.pipeline import ROWS
+
+    run = tmp_path / "run"
+    args = _common(tiny_model_dir, data_files)
+    assert main(["run", "--out", str(run), *args, "--methods", "all", "--calibrate", "temperature"]) == 0
+    rows = {p.name for p in (run / "eval" / "test").iterdir()}
+    assert rows == set(ROWS) | {f"{r}+ts" for r in ROWS}
+    for row in ROWS:
+        base = json.loads((run / "eval" / "validation" / row / "metrics.json").read_text())
+        scaled = json.loads((run / "eval" / "validation" / f"{row}+ts" / "metrics.json").read_text())
+        assert scaled["nll"] <= base["nll"] + 1e-9, row  # fitted on validation: never worse there
+        assert scaled["temperature"] > 0
+    dropout = json.loads((run / "eval" / "test" / "dropout" / "metrics.json").read_text())
+    assert dropout["n_samples"] == 3
+    laplace = json.loads((run / "eval" / "test" / "laplace" / "metrics.json").read_text())
+    assert laplace["n_samples"] == 3 and laplace["scale"] is None
+    for name in ("report.md", "results.csv", "results.json"):
+        assert (run / name).is_file()
+    assert any((run / "figures").glob("*.png"))

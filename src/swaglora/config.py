@@ -22,6 +22,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "SWAGConfig",
+    "LaplaceConfig",
     "EvalConfig",
     "RunConfig",
     "PRESETS",
@@ -153,17 +154,32 @@ class SWAGConfig:
 
 
 @dataclass
+class LaplaceConfig:
+    subset: str = _f("all", "parameters under the Laplace approximation: all (every LoRA layer) or last-layer")
+    prior_precision: float = _f(0.0, "prior precision; 0 = chosen by maximising the marginal likelihood")
+
+    def __post_init__(self) -> None:
+        if self.subset not in ("all", "last-layer"):
+            raise ConfigError(f"laplace.subset must be 'all' or 'last-layer', got {self.subset!r}")
+        if self.prior_precision < 0:
+            raise ConfigError(f"laplace.prior_precision must be >= 0, got {self.prior_precision}")
+
+
+@dataclass
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
     shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag="--shift")
     limit: int = _f(0, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
-    methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table", flag="--methods")
+    methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")
+    calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
 
     def __post_init__(self) -> None:
         if self.limit < 0:
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
+        if self.calibrate not in ("", "temperature"):
+            raise ConfigError(f"eval.calibrate must be '' or 'temperature', got {self.calibrate!r}")
 
 
 @dataclass
@@ -173,6 +189,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
+    laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from . import __version__, metrics
 from .config import RunConfig, config_from_dict, config_to_dict
+from .calibration import apply_temperature, fit_temperature
 from .data import MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import atomic_write_json, atomic_write_text, read_json
 from .models import LoadedModel, add_lora, decoder_parts, load_model, model_fingerprint
@@ -64,6 +65,8 @@ ROWS: dict[str, Row] = {
     "swag": Row("swag", help="SWAG, diagonal + low-rank covariance"),
     "multiswag": Row("swag", all_members=True, help="ensemble of the members' SWAG posteriors"),
     "ensemble": Row("map", all_members=True, help="deep ensemble of the members' MAP weights"),
+    "dropout": Row("dropout", help="MC dropout: MAP weights with LoRA dropout kept on while predicting"),
+    "laplace": Row("laplace", help="Laplace-LoRA: KFAC curvature at the MAP weights, sampled predictive"),
 }
 
 
@@ -150,7 +153,12 @@ def _needed_posteriors(rows: list[str]) -> list[str]:
 
 
 def _posterior_kwargs(name: str, cfg: RunConfig) -> dict[str, Any]:
-    return {"max_rank": cfg.swag.max_rank} if name == "swag" else {}
+    """Constructor settings of each method that has any, taken from the config."""
+    settings = {
+        "swag": {"max_rank": cfg.swag.max_rank},
+        "laplace": {"subset": cfg.laplace.subset, "prior_precision": cfg.laplace.prior_precision or None},
+    }
+    return settings.get(name, {})
 
 
 def member_seed(cfg: RunConfig, index: int) -> int:
@@ -338,20 +346,42 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     for name in rows:
         row = ROWS[name]
         n = cfg.swag.samples if row.sampled else 1
-        scale = row.scale if row.scale is not None else configured
-        if scale is None and row.sampled and row.posterior.startswith("swag"):
+        swag_like = row.posterior.startswith("swag")
+        scale = row.scale if row.scale is not None else (configured if swag_like else None)
+        if scale is None and row.sampled and swag_like:
             scale = auto_scale(row.posterior, n)
         used = range(len(members)) if row.all_members else range(1)
         parts = [member_logits(i, row.posterior, scale, n) for i in used]
-        for set_name, role, examples in sets:
-            logits = torch.cat([p[0][set_name] for p in parts])
-            info = {"method": name, "eval_set": set_name, "role": role, "n_samples": logits.shape[0],
-                    "n_members": len(used), "scale": scale if row.posterior.startswith("swag") else None,
-                    "seconds": sum(p[1] for p in parts), "seed": cfg.train.seed}
-            out = out_dir / "eval" / set_dir_name(set_name) / name
-            results.append(_write_eval(out, examples, torch.softmax(logits, -1), info))
+        probs = {set_name: torch.softmax(torch.cat([p[0][set_name] for p in parts]), -1) for set_name, _, _ in sets}
+        variants = [(name, probs, {})]
+        if cfg.eval.calibrate == "temperature":
+            variants.append((f"{name}+ts", *_temperature_scaled(probs, sets)))
+        for label, set_probs, extra in variants:
+            for set_name, role, examples in sets:
+                info = {"method": label, "eval_set": set_name, "role": role, "n_samples": set_probs[set_name].shape[0],
+                        "n_members": len(used), "scale": scale, "seconds": sum(p[1] for p in parts),
+                        "seed": cfg.train.seed, **extra}
+                out = out_dir / "eval" / set_dir_name(set_name) / label
+                results.append(_write_eval(out, examples, set_probs[set_name], info))
     bar.close()
     return results
+
+
+def _temperature_scaled(probs: dict[str, torch.Tensor], sets) -> tuple[dict[str, torch.Tensor], dict]:
+    """Temperature scaling on top of any method: one T fitted on the validation predictive by NLL
+    (logits = log of the BMA-averaged probabilities), applied to every set."""
+    validation = [(name, ex) for name, role, ex in sets if role == "validation"]
+    if not validation:
+        raise ValueError("--calibrate temperature needs a validation set")
+    name, examples = validation[0]
+    log_pred = lambda p: metrics.predictive(p).clamp_min(1e-30).log()  # noqa: E731 - zero (absent) stays -inf-like
+    labels = torch.tensor([ex.answer_index for ex in examples])
+    temperature = fit_temperature(log_pred(probs[name]), labels)
+    scaled = {}
+    for set_name, p in probs.items():
+        logits = log_pred(p).masked_fill(p[0] == 0, float("-inf"))
+        scaled[set_name] = torch.softmax(apply_temperature(logits, temperature), -1)[None].float()
+    return scaled, {"temperature": temperature}
 
 
 def save_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -373,7 +403,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 
 def table_rows(cfg: RunConfig) -> list[str]:
-    rows = ["zero-shot"] + [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
+    wanted = list(ROWS) if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
+    rows = ["zero-shot"] + wanted
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"Unknown method {unknown[0]!r}. Available: {', '.join(ROWS)}")
