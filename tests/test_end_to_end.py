@@ -28,7 +28,7 @@ def _common(model_dir, data_files, scoring="cloze"):
     train, test, shift = data_files
     return ["--model", str(model_dir), "--scoring", scoring, "--data", str(train), "--test-data", str(test),
             "--shift", str(shift), "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--members", "2",
-            "--swag-samples", "3", "--batch-size", "8", "--lora-r", "2", "--quiet"]
+            "--swag-samples", "3", "--swag-max-rank", "3", "--batch-size", "8", "--lora-r", "2", "--quiet"]
 
 
 def recompute(pred_file: Path) -> dict:

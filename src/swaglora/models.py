@@ -135,12 +135,20 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, output_loading_info=True
+        )
     except (OSError, ValueError) as exc:
         tried = "embedded model cache" if name in EMBEDDED_MODELS else (
             "local directory" if isinstance(source, Path) else "Hugging Face hub id (needs internet)"
         )
         raise ModelError(f"cannot load model {name!r} (tried it as a {tried}): {exc}") from exc
+    missing = list(info.get("missing_keys", []))
+    if missing:  # e.g. a base encoder without a causal-LM head: transformers would silently add a random one
+        raise ModelError(
+            f"model {name!r} lacks weights for {len(missing)} tensors ({', '.join(sorted(missing)[:4])}, ...): "
+            "it is not a causal LM checkpoint (no trained causal-LM head)"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

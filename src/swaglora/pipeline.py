@@ -129,7 +129,21 @@ def open_session(cfg: RunConfig, lm: LoadedModel | None = None, with_data: bool 
     session = Session(cfg=cfg, lm=lm, model=model, scorer=scorer, cache=HiddenCache(scorer))
     if with_data:
         session.train, session.validation = _training_data(cfg)
+        check_schedule(cfg, len(session.train))
     return session
+
+
+def check_schedule(cfg: RunConfig, n_train: int) -> None:
+    """Refuse a SWAG rank the collection schedule can never fill (the low-rank part would silently shrink)."""
+    if cfg.swag.epochs == 0 or cfg.swag.max_rank == 0:
+        return
+    steps_per_epoch = -(-(-(-n_train // cfg.train.batch_size)) // cfg.train.grad_accum)
+    per_epoch = 1 if cfg.swag.every == "epoch" else steps_per_epoch // int(cfg.swag.every)
+    snapshots = per_epoch * cfg.swag.epochs
+    if cfg.swag.max_rank > snapshots:
+        raise ValueError(f"swag.max_rank={cfg.swag.max_rank} is larger than the {snapshots} snapshots the schedule "
+                         f"collects (swag.epochs={cfg.swag.epochs}, swag.every={cfg.swag.every}, {steps_per_epoch} "
+                         "steps per epoch); lower --swag-max-rank or collect more often")
 
 
 @torch.no_grad()
@@ -179,42 +193,69 @@ def _save_adapter(model: nn.Module, directory: Path) -> None:
 
 
 def train_members(session: Session, run_dir: Path, members: list[int], rows: list[str], progress: bool = True) -> None:
-    """Train each member (its own seed), collecting the posteriors the table rows need; skip finished ones."""
+    """Train each member (its own seed), collecting the posteriors the table rows need; skip finished ones.
+
+    An unfinished member resumes from its newest valid checkpoint in ``members/<i>/checkpoints/`` (bitwise as
+    if never stopped). Under ``accelerate launch`` every process trains (data parallel); only the main one
+    writes files.
+    """
+    import sys
+
+    from . import checkpoint, distributed
+
     cfg = session.cfg
+    dist = distributed.current()
     names = _needed_posteriors(rows)
     for index in members:
         out = run_dir / "members" / str(index)
         if (out / "done.json").is_file():
             continue
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_log.jsonl").unlink(missing_ok=True)
         seed = member_seed(cfg, index)
         reset_trainable(session, seed)
         model = session.model
         meta = session.metadata
-        get_method("map")(model).save(out / "posteriors" / "init", meta)  # the zero-shot model
+        resume = checkpoint.latest(out / "checkpoints")
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume is None:
+                (out / "train_log.jsonl").unlink(missing_ok=True)
+                get_method("map")(model).save(out / "posteriors" / "init", meta)  # the zero-shot model
+            else:
+                print(f"swaglora: member {index}: resuming from {resume.path}", file=sys.stderr)
         posteriors = {n: get_method(n)(model, **_posterior_kwargs(n, cfg)) for n in names}
         along = [p for p in posteriors.values() if p.trajectory]
+        if resume is not None and resume.meta["map_done"] and dist.is_main:
+            # post-hoc posteriors were fitted and saved at the end of the MAP phase, before that checkpoint
+            for name, p in posteriors.items():
+                if not p.trajectory:
+                    posteriors[name] = load_posterior(out / "posteriors" / name, model=model, expected_metadata=meta)
 
         def at_map_end(m: nn.Module) -> None:
-            for p in posteriors.values():
+            if not dist.is_main:
+                return
+            for name, p in posteriors.items():
                 if not p.trajectory:
                     p.collect(m)
                     p.fit(m, [session.train[i : i + cfg.train.batch_size] for i in range(0, len(session.train), cfg.train.batch_size)],
                           session_loss(session))
+                    p.save(out / "posteriors" / name, meta)  # now: a resumed run after this point reloads it
 
         result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
-                     cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress)
-        for name, p in posteriors.items():
-            p.save(out / "posteriors" / name, meta)
+                     cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress,
+                     checkpoint_dir=out / "checkpoints", resume=resume)
         with torch.no_grad():  # the adapter on disk holds the MAP weights, not the last SWAG-phase ones
             params = trainable_parameters(model)
             for k, v in result.map_state.items():
                 params[k].copy_(v)
-        _save_adapter(model, out / "adapter")
-        atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
-                                              "examples_per_second": result.examples_per_second,
-                                              "n_train": len(session.train), "library_version": __version__})
+        if dist.is_main:
+            for name, p in posteriors.items():
+                p.save(out / "posteriors" / name, meta)
+            _save_adapter(model, out / "adapter")
+            atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
+                                                  "examples_per_second": result.examples_per_second,
+                                                  "n_train": len(session.train), "library_version": __version__})
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
+        dist.wait()
 
 
 def session_loss(session: Session):
@@ -384,8 +425,23 @@ def _temperature_scaled(probs: dict[str, torch.Tensor], sets) -> tuple[dict[str,
     return scaled, {"temperature": temperature}
 
 
+#: Version of the run-directory layout; a run written by a newer swaglora is refused, not misread.
+RUN_FORMAT_VERSION = 1
+
+
+def check_run_format(run_dir: Path) -> None:
+    marker = run_dir / "swaglora_run.json"
+    if marker.is_file():
+        version = read_json(marker).get("format_version")
+        if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+            raise ValueError(f"{run_dir} was written with run format {version!r}, newer than this swaglora "
+                             f"{__version__} understands ({RUN_FORMAT_VERSION}); upgrade swaglora")
+
+
 def save_config(cfg: RunConfig, run_dir: Path) -> None:
+    check_run_format(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "swaglora_run.json", {"format_version": RUN_FORMAT_VERSION, "library_version": __version__})
     path = run_dir / "config.json"
     data = config_to_dict(cfg)
     if path.is_file():
@@ -399,6 +455,9 @@ def save_config(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
+    check_run_format(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a swaglora run directory (no config.json)")
     return config_from_dict(read_json(run_dir / "config.json"), source=str(run_dir / "config.json"))
 
 
