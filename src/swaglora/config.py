@@ -66,8 +66,8 @@ class LoraSettings:
     r: int = _f(8, "LoRA rank")
     alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
     dropout: float = _f(0.1, "LoRA dropout probability (also the MC-dropout rate)")
-    targets: str = _f("q_proj,v_proj", "comma-separated module names, or all-linear")
-    layers: str = _f("all", "which transformer layers get LoRA: all, or top:K (the frozen lower layers are then computed once and reused)")
+    targets: str = _f("all-linear", "comma-separated module names (the paper: q_proj,v_proj), or all-linear")
+    layers: str = _f("top:2", "which transformer layers get LoRA: all, or top:K (the frozen lower layers are then computed once and reused)")
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -89,8 +89,8 @@ class LoraSettings:
 class DataConfig:
     task: str = _f("arc_easy", "bundled training task (obqa, cqa, arc_easy, arc_challenge, mmlu)", flag="--task")
     data: str = _f("", "training data instead of --task: a JSONL file or hf:<dataset id>", flag="--data")
-    train_limit: int = _f(0, "use at most this many training examples (0 = all), a seeded subset", flag="--train-limit")
-    val_limit: int = _f(0, "use at most this many validation examples (0 = all)", flag="--val-limit")
+    train_limit: int = _f(400, "use at most this many training examples (0 = all), a seeded subset", flag="--train-limit")
+    val_limit: int = _f(100, "use at most this many validation examples (0 = all)", flag="--val-limit")
     val_fraction: float = _f(0.2, "validation fraction of train when the data has no validation split", flag="--val-fraction")
 
     def __post_init__(self) -> None:
@@ -110,6 +110,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", flag="--weight-decay")
     seed: int = _f(0, "seed for LoRA init, data order and sampling", flag="--seed")
     threads: int = _f(0, "torch CPU threads (0 = number of cores)", flag="--threads")
+    checkpoint_every: int = _f(0, "also checkpoint every N optimiser steps (0 = only at epoch ends); rerun to resume", flag="--checkpoint-every")
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -120,6 +121,8 @@ class TrainConfig:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"train.warmup must be in [0, 1), got {self.warmup}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
 @dataclass
@@ -127,11 +130,11 @@ class SWAGConfig:
     epochs: int = _f(3, "epochs of SWAG collection after the MAP phase (0 = no SWAG)")
     lr: float = _f(1e-3, "SWAG-phase learning rate (constant, or annealed from the MAP lr over anneal_epochs)")
     anneal_epochs: int = _f(0, "epochs of linear anneal from the last MAP lr to the SWAG lr (0 = constant)")
-    every: str = _f("epoch", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
+    every: str = _f("25", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
     scale: str = _f("0.5", "covariance scale, or 'auto' (chosen by validation NLL over a grid)")
-    samples: int = _f(8, "posterior samples S per prediction (BMA)")
-    members: int = _f(3, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
+    samples: int = _f(4, "posterior samples S per prediction (BMA)")
+    members: int = _f(2, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.anneal_epochs < 0:
@@ -170,7 +173,7 @@ class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
     shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag="--shift")
-    limit: int = _f(0, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
+    limit: int = _f(150, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
@@ -211,6 +214,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "swag.samples": 15,
         "swag.scale": "1.0",
         "swag.members": 5,
+        "data.train_limit": 0,
+        "data.val_limit": 0,
+        "eval.limit": 0,
     },
 }
 

@@ -12,13 +12,26 @@ Schedule (per optimiser step):
     over ``swag.anneal_epochs`` epochs, then constant ``swag.lr``; a snapshot is
     collected every ``swag.every`` steps or at each epoch end.
 The MAP phase ends by reloading the best-validation-NLL epoch, as in the paper.
+
+Checkpoints (``checkpoint_dir``): at each epoch end and every ``train.checkpoint_every`` steps the loop
+saves everything it needs to continue exactly (weights, AdamW state, position, RNG, collectors, best MAP
+state, history); ``fit(..., resume=checkpoint)`` continues from one bitwise as if never stopped. The data
+order of an epoch is a function of (seed, epoch), so a resumed epoch sees the same batches. Ctrl-C stops
+at the next optimiser step with a checkpoint.
+
+Several processes (``accelerate launch``, see ``distributed.py``): each takes a slice of every global batch
+and gradients are averaged before the step; only the main process collects, logs and checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import metrics
+from . import checkpoint, distributed, metrics
 from .config import RunConfig
 from .data import MCQExample
+from .io import atomic_write_text
 from .params import trainable_parameters
 from .predict import predict_logits
 from .scoring import HiddenCache, Scorer
@@ -63,7 +77,9 @@ def lr_at(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
     return cfg.swag.lr
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a pure function of (seed, epoch), so a resumed epoch gets the same ones."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"data/{seed}/{epoch}".encode()))
     perm = torch.randperm(n, generator=generator).tolist()
     return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
 
@@ -88,6 +104,8 @@ def fit(
     log_path: Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    resume: checkpoint.Checkpoint | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on ``train``; collect snapshots into ``collectors``.
 
@@ -98,88 +116,228 @@ def fit(
         collectors: posteriors whose ``collect(model)`` is called on the collection schedule.
         on_map_done: called with the model once the MAP phase is over (best epoch reloaded).
         cache: lower-layer cache shared with evaluation (the lower layers are frozen).
-        log_path: per-epoch metrics are appended here as JSON lines.
-        seed: data-order seed (one generator, never the global RNG).
+        log_path: per-epoch metrics are appended here as JSON lines (rewritten from the history on resume).
+        seed: data-order seed (never the global RNG).
+        checkpoint_dir: write checkpoints here (each epoch end, every ``train.checkpoint_every`` steps, Ctrl-C).
+        resume: a checkpoint written by this function with the same arguments: continue from it. When its
+            ``meta["map_done"]`` is true, ``on_map_done`` was already called and is not called again.
+
+    Raises:
+        FloatingPointError: a non-finite loss or weights, naming the optimiser step (no checkpoint of it is written).
+        KeyboardInterrupt: after Ctrl-C, once the checkpoint of the current step is saved.
     """
     # Dropout draws its masks from torch's global RNG: run the loop on a forked global RNG seeded from
     # ``seed``, so training is reproducible and the caller's RNG state is left untouched.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _Interrupt(enabled=checkpoint_dir is not None) as interrupt:
         torch.random.default_generator.set_state(torch.Generator().manual_seed(seed + 1).get_state())
-        return _fit(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress)
+        loop = _Loop(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress,
+                     checkpoint_dir, interrupt)
+        if resume is not None:
+            loop.restore(resume)
+        return loop.run()
 
 
-def _fit(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress) -> TrainResult:
-    from tqdm.auto import tqdm
+class _Interrupt:
+    """Turns the first Ctrl-C into a request to stop at the next optimiser step (checkpointed); a second one stops now."""
 
-    model = scorer.model
-    cache = cache if cache is not None else HiddenCache(scorer)
-    cache.fill(list(train) + list(validation), cfg.eval.batch_size)
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    bs, accum = cfg.train.batch_size, cfg.train.grad_accum
-    steps_per_epoch = math.ceil(math.ceil(len(train) / bs) / accum)
-    total_epochs = cfg.train.epochs + cfg.swag.epochs
-    every = None if cfg.swag.every == "epoch" else int(cfg.swag.every)
-    result = TrainResult(map_state={k: v.detach().clone() for k, v in params.items()})
-    best_nll = math.inf
-    step, seen, start = 0, 0, time.perf_counter()
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
 
-    def log(record: dict) -> None:
-        result.history.append(record)
-        if log_path is not None:
-            with open(log_path, "a") as fh:
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nswaglora: stopping after this optimiser step with a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    def __enter__(self) -> _Interrupt:
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+
+
+class _Loop:
+    def __init__(self, scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress,
+                 checkpoint_dir, interrupt) -> None:
+        self.dist = distributed.current()
+        self.scorer, self.train, self.validation, self.cfg = scorer, train, validation, cfg
+        self.collectors, self.on_map_done, self.log_path, self.seed = list(collectors), on_map_done, log_path, seed
+        self.progress = progress and self.dist.is_main
+        self.checkpoint_dir, self.interrupt = checkpoint_dir, interrupt
+        self.cache = cache if cache is not None else HiddenCache(scorer)
+        self.cache.fill(list(train) + list(validation), cfg.eval.batch_size)
+        self.params = trainable_parameters(scorer.model)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.train.batch_size) / cfg.train.grad_accum)
+        self.result = TrainResult(map_state=_clone(self.params))
+        # the position and running totals: exactly what a checkpoint must carry besides tensors
+        self.epoch, self.batch, self.step, self.seen, self.running, self.seconds = 0, 0, 0, 0, 0.0, 0.0
+        self.best_nll, self.map_done = math.inf, False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _identity(self) -> dict:
+        """What must match between a checkpoint and the loop resuming from it."""
+        return {"seed": self.seed, "steps_per_epoch": self.steps_per_epoch, "params": list(self.params),
+                "collectors": [type(p).name for p in self.collectors]}
+
+    def save(self) -> Path | None:
+        bad = [n for n, p in self.params.items() if not torch.isfinite(p).all()]
+        if bad:  # never checkpoint a diverged state: the previous checkpoint stays the newest
+            raise FloatingPointError(f"non-finite weights ({bad[0]}) after optimiser step {self.step}; "
+                                     "not checkpointed (lower the learning rate?)")
+        if self.checkpoint_dir is None or not self.dist.is_main:
+            return None
+        tensors = {f"param/{k}": v for k, v in self.params.items()}
+        tensors.update({f"best/{k}": v for k, v in self.result.map_state.items()})
+        optim_tensors, optim_meta = checkpoint.optimizer_state(self.optimizer)
+        tensors.update(optim_tensors)
+        tensors["rng/torch"] = torch.random.get_rng_state()  # dropout masks
+        for j, p in enumerate(self.collectors):
+            tensors.update({f"collector/{j}/{k}": v for k, v in p.state_dict().items()})
+        meta = {**self._identity(), "epoch": self.epoch, "batch": self.batch, "seen": self.seen, "running": self.running,
+                "seconds": time.perf_counter() - self.start, "best_nll": None if math.isinf(self.best_nll) else self.best_nll,
+                "map_done": self.map_done, "optimizer": optim_meta,
+                # as JSON lines: the checkpoint's own JSON is key-sorted, the log keeps the records' order
+                "history": [json.dumps(r) for r in self.result.history]}
+        return checkpoint.save(self.checkpoint_dir, self.step, tensors, meta)
+
+    def restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        meta = ckpt.meta
+        differs = [k for k, v in self._identity().items() if meta.get(k) != v]
+        if differs:
+            raise ValueError(f"checkpoint {ckpt.path} was written by another training setup ({', '.join(differs)} differ); "
+                             "use --overwrite to start over")
+        _load(self.params, ckpt.group("param"))
+        self.result.map_state = _clone(ckpt.group("best"))
+        checkpoint.load_optimizer_state(self.optimizer, ckpt)
+        for j, p in enumerate(self.collectors):
+            p.load_state_dict(ckpt.group(f"collector/{j}"))
+        torch.random.set_rng_state(ckpt.tensors["rng/torch"])
+        self.result.history = [json.loads(line) for line in meta["history"]]
+        self.epoch, self.batch, self.step, self.seen = meta["epoch"], meta["batch"], ckpt.step, meta["seen"]
+        self.running, self.seconds, self.map_done = meta["running"], meta["seconds"], meta["map_done"]
+        self.best_nll = math.inf if meta["best_nll"] is None else meta["best_nll"]
+        if self.log_path is not None and self.dist.is_main:  # drop records logged after the checkpoint
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.result.history))
+
+    def _stop(self, path: Path | None) -> None:
+        where = f"; checkpoint {path}" if path is not None else ""
+        print(f"swaglora: interrupted after optimiser step {self.step}{where}. Run the same command again to resume.",
+              file=sys.stderr)
+        raise KeyboardInterrupt
+
+    # ------------------------------------------------------------------ training
+    def log(self, record: dict) -> None:
+        self.result.history.append(record)
+        if self.log_path is not None and self.dist.is_main:
+            with open(self.log_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
-    for epoch in range(total_epochs):
-        collecting = epoch >= cfg.train.epochs
-        model.train()
-        batches = _batches(len(train), bs, generator)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{total_epochs}" + (" (SWAG)" if collecting else ""),
-                   disable=not progress, leave=False, unit="batch")
-        running = 0.0
-        for i, rows in enumerate(bar):
-            batch = scorer.batch([train[r] for r in rows])
-            logits = scorer.top(cache.hidden(batch), batch)
-            loss = nn.functional.cross_entropy(logits, batch.labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step}")
-            (loss / accum).backward()
-            running += loss.item()
-            seen += len(rows)
-            if (i + 1) % accum == 0 or i + 1 == len(batches):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, steps_per_epoch, cfg)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if collecting and every is not None and step % every == 0:
-                    for posterior in collectors:
+    def run(self) -> TrainResult:
+        cfg, dist, model, params = self.cfg, self.dist, self.scorer.model, self.params
+        total_epochs = cfg.train.epochs + cfg.swag.epochs
+        every = None if cfg.swag.every == "epoch" else int(cfg.swag.every)
+        accum, ckpt_every = cfg.train.grad_accum, cfg.train.checkpoint_every
+        self.start = time.perf_counter() - self.seconds
+        from tqdm.auto import tqdm
+
+        while self.epoch < total_epochs:
+            epoch = self.epoch
+            collecting = epoch >= cfg.train.epochs
+            model.train()
+            batches = _batches(len(self.train), cfg.train.batch_size, self.seed, epoch)
+            bar = tqdm(total=len(batches), initial=self.batch, disable=not self.progress, leave=False, unit="batch",
+                       desc=f"epoch {epoch + 1}/{total_epochs}" + (" (SWAG)" if collecting else ""))
+            stop = False
+            for i in range(self.batch, len(batches)):
+                loss, stop = self._forward_backward(batches[i], accum)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss} at optimiser step {self.step + 1} (epoch {epoch + 1}); "
+                                             "the last checkpoint is kept (lower the learning rate?)")
+                self.running += loss
+                self.seen += len(batches[i])
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.running / (i + 1):.3f}", ex_s=f"{self.seen / (time.perf_counter() - self.start):.1f}")
+                if (i + 1) % accum and i + 1 != len(batches):
+                    continue
+                dist.average_gradients(list(params.values()))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(self.step, self.steps_per_epoch, cfg)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step, self.batch = self.step + 1, i + 1
+                if collecting and every is not None and self.step % every == 0 and dist.is_main:
+                    for posterior in self.collectors:
                         posterior.collect(model)
-            bar.set_postfix(loss=f"{running / (i + 1):.3f}", ex_s=f"{seen / (time.perf_counter() - start):.1f}")
+                if i + 1 < len(batches):  # the epoch end below checkpoints the last step of an epoch
+                    path = self.save() if stop or (ckpt_every and self.step % ckpt_every == 0) else None
+                    if stop:
+                        self._stop(path)
+            bar.close()
+            self._end_epoch(epoch, collecting, every, len(batches))
+            path = self.save()
+            if stop or (dist.world == 1 and self.interrupt.requested):  # several processes: only the agreed flag
+                self._stop(path)
+        if cfg.train.epochs == 0 and self.on_map_done is not None and not self.map_done:
+            self.on_map_done(model)
+        self.result.seconds = time.perf_counter() - self.start
+        self.result.examples_per_second = self.seen / max(self.result.seconds, 1e-9)
+        return self.result
+
+    def _forward_backward(self, rows: list[int], accum: int) -> tuple[float, bool]:
+        """Loss of this process's shard of a global batch, backward; returns (global batch loss, stop requested)."""
+        dist = self.dist
+        mine = dist.shard(rows)
+        loss_value = 0.0
+        if mine:
+            batch = self.scorer.batch([self.train[r] for r in mine])
+            loss = nn.functional.cross_entropy(self.scorer.top(self.cache.hidden(batch), batch), batch.labels)
+            loss_value = loss.item()
+            if dist.world > 1:
+                # weight the shard's mean loss by its share of the global batch: the gradients averaged over
+                # processes are then those of the global batch's mean loss, whatever the shard sizes
+                loss = loss * (len(mine) * dist.world / len(rows))
+                loss_value *= len(mine) / len(rows)
+            if math.isfinite(loss_value):
+                (loss / accum).backward()
+        if dist.world == 1:
+            return loss_value, self.interrupt.requested
+        loss_value, stops = dist.sum([loss_value, float(self.interrupt.requested)])
+        return loss_value, stops > 0
+
+    def _end_epoch(self, epoch: int, collecting: bool, every: int | None, n_batches: int) -> None:
+        cfg, model = self.cfg, self.scorer.model
         model.eval()
-        if collecting and every is None:
-            for posterior in collectors:
+        if collecting and every is None and self.dist.is_main:
+            for posterior in self.collectors:
                 posterior.collect(model)
-        record = {"epoch": epoch + 1, "phase": "swag" if collecting else "map", "train_loss": running / len(batches),
-                  "lr": optimizer.param_groups[0]["lr"]}
-        if validation:
-            record.update({f"val_{k}": v for k, v in evaluate_point(scorer, cache, validation, cfg.eval.batch_size).items()})
-        log(record)
-        if not collecting and validation and record["val_nll"] < best_nll:
-            best_nll = record["val_nll"]
-            result.map_state = {k: v.detach().clone() for k, v in params.items()}
-        if not collecting and not validation:
-            result.map_state = {k: v.detach().clone() for k, v in params.items()}
+        record = {"epoch": epoch + 1, "phase": "swag" if collecting else "map", "train_loss": self.running / n_batches,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.validation and self.dist.is_main:
+            record.update({f"val_{k}": v for k, v in evaluate_point(self.scorer, self.cache, self.validation, cfg.eval.batch_size).items()})
+        self.log(record)
+        if not collecting and not self.validation:
+            self.result.map_state = _clone(self.params)
+        elif not collecting:
+            # the main process's validation decides, so that every process keeps the same best state
+            nll = self.dist.from_main(record.get("val_nll", 0.0))
+            if nll < self.best_nll:
+                self.best_nll, self.result.map_state = nll, _clone(self.params)
         if epoch + 1 == cfg.train.epochs:
-            _load(params, result.map_state)  # the paper restarts SWAG from the best MAP checkpoint
-            if on_map_done is not None:
-                on_map_done(model)
-    if cfg.train.epochs == 0 and on_map_done is not None:
-        on_map_done(model)
-    result.seconds = time.perf_counter() - start
-    result.examples_per_second = seen / max(result.seconds, 1e-9)
-    return result
+            _load(self.params, self.result.map_state)  # the paper restarts SWAG from the best MAP checkpoint
+            if self.on_map_done is not None:
+                self.on_map_done(model)
+            self.map_done = True
+        self.epoch, self.batch, self.running = epoch + 1, 0, 0.0
+
+
+def _clone(tensors) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tensors.items()}
 
 
 @torch.no_grad()
