@@ -160,9 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"swaglora: error: {message}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"swaglora: error: {exc}; the last good checkpoint is kept (rerun with a lower --lr to resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("swaglora: interrupted; finished members and evaluations are kept", file=sys.stderr)
         return 130
+
+
+def _is_main() -> bool:
+    from .distributed import current
+
+    return current().is_main
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -183,24 +192,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
         if not seeds:
             pipeline.run(cfg, out, progress=progress, overwrite=args.overwrite)
-            _report([out], out)
+            if _is_main():
+                _report([out], out)
             return 0
         dirs = []
         for seed in seeds:
             seed_cfg = apply_overrides(cfg, {"train.seed": seed})
             pipeline.run(seed_cfg, out / f"seed-{seed}", progress=progress, overwrite=args.overwrite)
             dirs.append(out / f"seed-{seed}")
-        _report(dirs, out)
+        if _is_main():
+            _report(dirs, out)
         return 0
     if args.command == "train":
         cfg = resolve_config(args)
         _print_choice(cfg)
         out = Path(args.out)
-        if args.overwrite and out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        pipeline.save_config(cfg, out)
+        pipeline.prepare_run_dir(cfg, out, args.overwrite)
         session = pipeline.open_session(cfg)
         members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
         pipeline.train_members(session, out, members, pipeline.table_rows(cfg), progress=progress)

@@ -50,6 +50,7 @@ class ModelConfig:
     scoring: str = _f("auto", "answer scoring: letter (the paper's), cloze (choice likelihood) or auto (per-model default)", flag="--scoring")
     train_head: bool = _f(True, "letter scoring: train a small letters x hidden head initialised from the LM head rows", flag="--train-head")
     trust_remote_code: bool = _f(False, "allow model repositories to run their own code (off unless asked for)", flag="--trust-remote-code")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto (the local GPU of this process if there is one, else cpu)", flag="--device")
     max_length: int = _f(512, "truncate prompts to this many tokens (from the left of the question)", flag="--max-length")
 
     def __post_init__(self) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "decoder_parts",
     "model_fingerprint",
     "resolve_dtype",
+    "resolve_device",
 ]
 
 #: Short names of models that ship inside a Python package (no download needed).
@@ -66,6 +67,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under accelerate/torchrun) when CUDA is available, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
 
 
 def _embedded_path(name: str) -> tuple[Path, str]:
@@ -151,6 +161,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(cfg.device))
     model.eval()
     scoring = cfg.scoring if cfg.scoring != "auto" else DEFAULT_SCORING.get(name, "letter")
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, scoring=scoring)

@@ -138,8 +138,11 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
     if cfg.swag.epochs == 0 or cfg.swag.max_rank == 0:
         return
     steps_per_epoch = -(-(-(-n_train // cfg.train.batch_size)) // cfg.train.grad_accum)
-    per_epoch = 1 if cfg.swag.every == "epoch" else steps_per_epoch // int(cfg.swag.every)
-    snapshots = per_epoch * cfg.swag.epochs
+    if cfg.swag.every == "epoch":
+        snapshots = cfg.swag.epochs
+    else:  # the loop collects when the global step count is a multiple of ``every``, in the SWAG phase only
+        every, map_steps = int(cfg.swag.every), cfg.train.epochs * steps_per_epoch
+        snapshots = (map_steps + cfg.swag.epochs * steps_per_epoch) // every - map_steps // every
     if cfg.swag.max_rank > snapshots:
         raise ValueError(f"swag.max_rank={cfg.swag.max_rank} is larger than the {snapshots} snapshots the schedule "
                          f"collects (swag.epochs={cfg.swag.epochs}, swag.every={cfg.swag.every}, {steps_per_epoch} "
@@ -425,6 +428,9 @@ def _temperature_scaled(probs: dict[str, torch.Tensor], sets) -> tuple[dict[str,
     return scaled, {"temperature": temperature}
 
 
+#: Settings that may change between a run and its resumption: they do not change any result.
+RESULT_NEUTRAL = {"train.checkpoint_every", "train.threads", "model.device"}
+
 #: Version of the run-directory layout; a run written by a newer swaglora is refused, not misread.
 RUN_FORMAT_VERSION = 1
 
@@ -447,8 +453,10 @@ def save_config(cfg: RunConfig, run_dir: Path) -> None:
     if path.is_file():
         saved = read_json(path)
         if saved != data:
-            changed = sorted(f"{s}.{k}" for s in data for k in data[s] if saved.get(s, {}).get(k) != data[s][k])
-            if any(not c.startswith("eval.") for c in changed):
+            defaults = config_to_dict(RunConfig())  # a key missing from an older config.json means its default
+            changed = sorted(f"{s}.{k}" for s in data for k in data[s]
+                             if saved.get(s, {}).get(k, defaults[s][k]) != data[s][k])
+            if any(not c.startswith("eval.") and c not in RESULT_NEUTRAL for c in changed):
                 raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
                                  "use another --out or --overwrite")
     atomic_write_json(path, data)
@@ -476,13 +484,28 @@ def table_rows(cfg: RunConfig) -> list[str]:
 
 def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False) -> list[dict]:
     """The main job: train the members, evaluate every row on every set, write the results."""
+    from .distributed import current
+
+    dist = current()
     rows = table_rows(cfg)  # validate the method names before touching the run directory
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    save_config(cfg, run_dir)
+    prepare_run_dir(cfg, run_dir, overwrite)
     session = open_session(cfg)
     train_members(session, run_dir, list(range(cfg.swag.members)), rows, progress=progress)
+    if not dist.is_main:  # under accelerate launch: training is data parallel, evaluation runs once
+        return []
     return evaluate_run(session, [run_dir], rows, run_dir, progress=progress)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, overwrite: bool) -> None:
+    """``--overwrite`` and the config file, done by the main process only (others wait for it)."""
+    from .distributed import current
+
+    dist = current()
+    if dist.is_main:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        save_config(cfg, run_dir)
+    dist.wait()
 
 
 def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> list[dict]:

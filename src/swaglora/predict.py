@@ -79,7 +79,7 @@ def predict_logits(
                             logits = scorer.top(hidden, batch)
                     else:
                         logits = scorer.top(hidden, batch)
-                out[s, idx, : logits.shape[1]] = logits
+                out[s, idx, : logits.shape[1]] = logits.float().cpu()
             if progress is not None:
                 progress.update(len(rows))
     return out

@@ -209,11 +209,12 @@ class Scorer:
         allowed |= torch.eye(t, dtype=torch.bool)  # padding rows attend to themselves (no all-masked softmax rows)
         dtype = self.parts.embed_tokens.weight.dtype
         mask = torch.zeros((b, 1, t, t), dtype=dtype).masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        device = self.parts.embed_tokens.weight.device
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         return Batch(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            mask=mask,
+            input_ids=input_ids.to(device),
+            position_ids=position_ids.to(device),
+            mask=mask.to(device),
             lengths=as_long([len(e.input_ids) for e in encoded]),
             n_choices=as_long([e.n_choices for e in encoded]),
             labels=as_long([e.label for e in encoded]),
@@ -221,7 +222,7 @@ class Scorer:
             pred_pos=as_long(pp),
             pred_tok=as_long(pt),
             pred_choice=as_long(pc),
-            choice_len=choice_len,
+            choice_len=choice_len.to(device),
             keys=list(keys) if keys is not None else [(i,) for i in range(b)],
         )
 
@@ -248,16 +249,16 @@ class Scorer:
         """Choice logits ``[B, C]`` from the lower layers' output (absent choices are ``-inf``)."""
         hidden = self._run_layers(hidden, batch, self.parts.layers[self.split :])
         c = int(batch.n_choices.max())
-        absent = torch.arange(c)[None, :] >= batch.n_choices[:, None]
+        absent = torch.arange(c, device=hidden.device)[None, :] >= batch.n_choices[:, None]
         if self.mode == "letter":
             # inference-time economy: only the last position, and only the answer-letter rows of the head
-            last = hidden[torch.arange(batch.size), batch.lengths - 1]
+            last = hidden[torch.arange(batch.size, device=hidden.device), batch.lengths - 1]
             logits = self.letter_head(self.parts.norm(last))[:, :c].float()
         else:
             h = self.parts.norm(hidden[batch.pred_batch, batch.pred_pos])
             logp = torch.log_softmax(self.parts.lm_head(h).float(), dim=-1)
             tok_logp = logp.gather(1, batch.pred_tok[:, None]).squeeze(1)
-            sums = torch.zeros(batch.size * c, dtype=tok_logp.dtype).index_add(
+            sums = torch.zeros(batch.size * c, dtype=tok_logp.dtype, device=hidden.device).index_add(
                 0, batch.pred_batch * c + batch.pred_choice, tok_logp
             )
             logits = sums.view(batch.size, c) / batch.choice_len.clamp(min=1)
@@ -290,7 +291,7 @@ class HiddenCache:
                 for i in missing:
                     self._store[batch.keys[i]] = fresh[i, : int(batch.lengths[i])].clone()
         weight = self.scorer.parts.embed_tokens.weight
-        out = torch.zeros(batch.size, batch.input_ids.shape[1], weight.shape[1], dtype=weight.dtype)
+        out = torch.zeros(batch.size, batch.input_ids.shape[1], weight.shape[1], dtype=weight.dtype, device=weight.device)
         for i, key in enumerate(batch.keys):
             h = self._store[key]
             out[i, : h.shape[0]] = h
@@ -311,10 +312,11 @@ class HiddenCache:
 
 def _select(batch: Batch, rows: list[int]) -> Batch:
     """A sub-batch of the given rows (same padding width, so the stored states are unaffected)."""
-    idx = torch.tensor(rows, dtype=torch.long)
+    device = batch.input_ids.device
+    idx = torch.tensor(rows, dtype=torch.long, device=device)
     keep = torch.isin(batch.pred_batch, idx)
-    remap = torch.full((batch.size,), -1, dtype=torch.long)
-    remap[idx] = torch.arange(len(rows))
+    remap = torch.full((batch.size,), -1, dtype=torch.long, device=device)
+    remap[idx] = torch.arange(len(rows), device=device)
     return Batch(
         input_ids=batch.input_ids[idx],
         position_ids=batch.position_ids[idx],
