@@ -183,7 +183,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_
     assert_same_as_reference(run, reference)
 
 
-def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, data, monkeypatch):
+def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, data, monkeypatch, capsys):
     run = tmp_path / "run"
     real_top, calls = Scorer.top, []
 
@@ -196,8 +196,8 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, ti
         return logits
 
     monkeypatch.setattr(Scorer, "top", top)
-    with pytest.raises(FloatingPointError, match="optimiser step 5"):
-        main(_args(tiny_model_dir, data, run, "--checkpoint-every", "1"))
+    assert main(_args(tiny_model_dir, data, run, "--checkpoint-every", "1")) == 1
+    assert "optimiser step 5" in capsys.readouterr().err
     last = checkpoint.latest(_ckpt_dir(run))
     assert last.step == 4 and _steps(run) == [3, 4]
     assert all(torch.isfinite(v).all() for k, v in last.tensors.items() if k.startswith("param/"))

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swaglora: error: {message}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
-        print(f"swaglora: error: {exc}; the last good checkpoint is kept (rerun with a lower --lr to resume)", file=sys.stderr)
+        print(f"swaglora: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("swaglora: interrupted; finished members and evaluations are kept", file=sys.stderr)
