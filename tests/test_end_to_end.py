@@ -151,3 +151,22 @@ def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_mod
     for name in ("report.md", "results.csv", "results.json"):
         assert (run / name).is_file()
     assert any((run / "figures").glob("*.png"))
+
+
+def test_members_trained_separately_are_combined_by_evaluate(tmp_path, tiny_model_dir, data_files):
+    args = _common(tiny_model_dir, data_files)
+    assert main(["train", "--out", str(tmp_path / "a"), *args, "--member-index", "0"]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), *args, "--member-index", "1"]) == 0
+    out = tmp_path / "combined"
+    assert main(["evaluate", "--run", str(tmp_path / "a"), "--run", str(tmp_path / "b"), "--out", str(out),
+                 "--methods", "multiswag,ensemble", "--quiet"]) == 0
+    multiswag = json.loads((out / "eval" / "test" / "multiswag" / "metrics.json").read_text())
+    assert multiswag["n_members"] == 2 and multiswag["n_samples"] == 6
+    # the pooled ensemble is the mixture of the two members' MAP predictions
+    assert main(["evaluate", "--run", str(tmp_path / "a"), "--out", str(tmp_path / "ea"), "--methods", "map", "--quiet"]) == 0
+    assert main(["evaluate", "--run", str(tmp_path / "b"), "--out", str(tmp_path / "eb"), "--methods", "map", "--quiet"]) == 0
+    read = lambda d: [json.loads(l)["probs"] for l in (d / "eval" / "test" / "map" / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    pa, pb = read(tmp_path / "ea"), read(tmp_path / "eb")
+    mixed = [json.loads(l)["probs"] for l in (out / "eval" / "test" / "ensemble" / "predictions.jsonl").read_text().splitlines()]
+    for x, y, m in zip(pa, pb, mixed):
+        assert m == pytest.approx([(u + v) / 2 for u, v in zip(x, y)], abs=2e-6)

@@ -20,11 +20,12 @@ __all__ = ["main", "build_parser"]
 _UNPREFIXED = {"model", "data", "train", "eval"}  # these sections' flags carry no section prefix
 
 
-def _flag(section: str, f) -> str:
+def _flags(section: str, f) -> list[str]:
     if "flag" in f.metadata:
-        return f.metadata["flag"]
+        flag = f.metadata["flag"]
+        return list(flag) if isinstance(flag, tuple) else [flag]
     name = f.name.replace("_", "-")
-    return f"--{name}" if section in _UNPREFIXED else f"--{section}-{name}"
+    return [f"--{name}" if section in _UNPREFIXED else f"--{section}-{name}"]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -41,7 +42,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["metavar"] = hints[f.name].__name__.upper()
-            flags = [_flag(section, f)]
+            flags = _flags(section, f)
             if section == "train" and f.name == "epochs":
                 flags.append("--swag-start")  # the paper's name: MAP epochs before SWAG collection starts
             group.add_argument(*flags, **kwargs)
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--seeds", default="", help="comma-separated seeds: one run per seed under OUT/seed-<k>, reported as mean ± std")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of reusing finished members")
+    p.add_argument("--abstain-risk", type=float, default=None, help="report: confidence threshold chosen on validation for this risk")
 
     p = sub.add_parser("train", help="fine-tune LoRA members and collect their posteriors into a run directory")
     _common(p)
@@ -152,6 +154,10 @@ def _print_choice(cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # transformers/peft deprecation chatter is not actionable for users of this CLI
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -193,7 +199,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not seeds:
             pipeline.run(cfg, out, progress=progress, overwrite=args.overwrite)
             if _is_main():
-                _report([out], out)
+                _report([out], out, args.abstain_risk)
             return 0
         dirs = []
         for seed in seeds:
@@ -201,7 +207,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             pipeline.run(seed_cfg, out / f"seed-{seed}", progress=progress, overwrite=args.overwrite)
             dirs.append(out / f"seed-{seed}")
         if _is_main():
-            _report(dirs, out)
+            _report(dirs, out, args.abstain_risk)
         return 0
     if args.command == "train":
         cfg = resolve_config(args)

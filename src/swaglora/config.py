@@ -46,7 +46,7 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m", "'smollm2-135m' (embedded GGUF), a local directory or a Hugging Face model id", flag="--model")
-    dtype: str = _f("float32", "weights and compute dtype: float32, bfloat16, float16 or auto (bf16 only where measured faster)", flag="--dtype")
+    dtype: str = _f("auto", "weights and compute dtype: float32, bfloat16, float16 or auto (bf16 only where measured faster here)", flag="--dtype")
     scoring: str = _f("auto", "answer scoring: letter (the paper's), cloze (choice likelihood) or auto (per-model default)", flag="--scoring")
     train_head: bool = _f(True, "letter scoring: train a small letters x hidden head initialised from the LM head rows", flag="--train-head")
     trust_remote_code: bool = _f(False, "allow model repositories to run their own code (off unless asked for)", flag="--trust-remote-code")
@@ -173,7 +173,7 @@ class LaplaceConfig:
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
-    shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag="--shift")
+    shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag=("--shift", "--eval"))
     limit: int = _f(150, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")

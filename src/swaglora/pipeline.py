@@ -286,7 +286,7 @@ def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
     """(name, role, examples) for validation, the in-distribution test split and every shift set."""
     cfg = session.cfg
     lim = cfg.eval.limit or None
-    seed = cfg.train.seed
+    seed = EVAL_SUBSET_SEED
     sets = [("validation", "validation", session.validation)]
     if cfg.eval.test:
         name = cfg.eval.test
@@ -302,6 +302,11 @@ def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
             continue
         sets.append((_display_name(spec), "shift", limit(resolve_dataset(spec, "test"), lim, seed)))
     return sets
+
+
+#: Evaluation subsets (``--eval-limit``) are drawn with this seed whatever the training seed, so runs with
+#: different seeds are scored on the same questions and their spread is the training's alone.
+EVAL_SUBSET_SEED = 0
 
 
 def _display_name(spec: str) -> str:
@@ -514,7 +519,7 @@ def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> lis
     cfg = session.cfg
     spec = cfg.data.data or cfg.data.task
     split = cfg.eval.split if cfg.data.data or cfg.eval.split != "test" else task_splits(cfg.data.task).test
-    examples = limit(resolve_dataset(spec, split), cfg.eval.limit or None, cfg.train.seed)
+    examples = limit(resolve_dataset(spec, split), cfg.eval.limit or None, EVAL_SUBSET_SEED)
     thetas = [{k: v.detach().clone() for k, v in trainable_parameters(session.model).items()}]
     logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
     info = {"method": "zero-shot", "eval_set": spec, "role": "test", "n_samples": 1, "n_members": 1, "scale": None,

@@ -1,0 +1,79 @@
+"""One contract, every registered method: collect/fit, deterministic sampling, save/load, shared prediction path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swaglora.config import LoraSettings, ModelConfig
+from swaglora.data import MCQExample
+from swaglora.models import add_lora, load_model
+from swaglora.params import trainable_parameters
+from swaglora.posterior import Ensemble, get_method, load_posterior, method_names
+from swaglora.predict import predict_probs
+from swaglora.scoring import Scorer
+
+from conftest import make_examples
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    lm = load_model(ModelConfig(name=str(tiny_model_dir)))
+    model = add_lora(lm.model, LoraSettings(r=2, targets="q_proj,v_proj", layers="all", dropout=0.2), seed=0)
+    scorer = Scorer(model, lm.tokenizer, "cloze")
+    examples = [MCQExample(r["id"], r["question"], tuple(r["choices"]), tuple(r["labels"]), r["answer"])
+                for r in make_examples(8, 5)]
+    return model, scorer, examples
+
+
+def build(name: str, model, scorer, examples):
+    """Construct, then feed a short trajectory: three weight settings, then the post-hoc fit."""
+    params = trainable_parameters(model)
+    start = {k: v.detach().clone() for k, v in params.items()}
+    make = (lambda m: Ensemble([get_method("map")(m), get_method("map")(m)])) if name == "ensemble" else get_method(name)
+    posterior = make(model)
+    generator = torch.Generator().manual_seed(0)
+    members = posterior.members if name == "ensemble" else [posterior]
+    for step in range(3):
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(0.01 * torch.randn(p.shape, generator=generator))
+        for member in members:
+            member.collect(model)
+
+    def loss_fn(m, batch):
+        b = scorer.batch(batch)
+        return scorer.logits(b), b.labels
+
+    for member in members:
+        member.fit(model, [examples[:4], examples[4:]], loss_fn)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(start[k])
+    return posterior
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_contract(name, setup, tmp_path):
+    model, scorer, examples = setup
+    posterior = build(name, model, scorer, examples)
+    shapes = {k: tuple(v.shape) for k, v in trainable_parameters(model).items()}
+
+    a = posterior.draws(3, generator=torch.Generator().manual_seed(7))
+    b = posterior.draws(3, generator=torch.Generator().manual_seed(7))
+    assert len(a) >= 1 and all({k: tuple(v.shape) for k, v in t.items()} == shapes for t in a)
+    for ta, tb in zip(a, b):
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the same seed gives the same draws
+
+    posterior.save(tmp_path / name, metadata={"base": "tiny"})
+    loaded = load_posterior(tmp_path / name, model=model, expected_metadata={"base": "tiny"})
+    assert type(loaded) is type(posterior)
+    c = loaded.draws(3, generator=torch.Generator().manual_seed(7))
+    for ta, tc in zip(a, c):
+        assert all(torch.equal(ta[k], tc[k]) for k in ta)  # the round trip is exact
+
+    probs = predict_probs(scorer, examples, loaded, n_samples=3, generator=torch.Generator().manual_seed(1))
+    assert probs.shape[1:] == (len(examples), max(e.n_choices for e in examples))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]), atol=1e-5, rtol=0)
+    for i, ex in enumerate(examples):
+        assert torch.all(probs[:, i, ex.n_choices:] == 0)
