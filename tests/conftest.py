@@ -48,6 +48,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return directory
 
 
+def small_model(out: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32, train_first: bool = False):
+    """Linear(4, 3) -> Linear(3, out) with random weights; only one layer is trainable (the second by
+    default), so selection by ``requires_grad`` matters. With out=2: D = 6 + 2 = 8 tracked numbers."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, out))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    model = model.to(dtype)
+    model.requires_grad_(False)
+    model[0 if train_first else 1].requires_grad_(True)
+    return model
+
+
 def make_examples(n: int, seed: int = 0, prefix: str = "q") -> list[dict]:
     """Synthetic questions with a learnable pattern: the answer is the choice that repeats a word of the question."""
     rng = random.Random(seed)

@@ -14,15 +14,7 @@ from swaglora.io import load_safetensors
 from swaglora.params import trainable_parameters
 from swaglora.posterior import CONFIG_NAME, MAP, SWAG, TENSORS_NAME, Ensemble, get_method, load_posterior
 
-
-def small_model(out: int = 2, seed: int = 0) -> nn.Sequential:
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, out))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    model[0].requires_grad_(False)
-    return model
+from conftest import small_model
 
 
 def fitted_swag(seed: int, n: int = 5, max_rank: int = 3) -> SWAG:

@@ -8,16 +8,7 @@ from torch import nn
 
 from swaglora.params import flatten, parameter_shapes, trainable_parameters, unflatten, use_params
 
-
-def small_model(dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    model = model.to(dtype)
-    model[0].requires_grad_(False)
-    return model
+from conftest import small_model
 
 
 def test_trainable_parameters_selects_by_requires_grad_in_order():
@@ -102,7 +93,7 @@ def test_use_params_rejects_mismatch_before_touching_model():
 
 
 def test_use_params_bf16_model():
-    model = small_model(torch.bfloat16)
+    model = small_model(dtype=torch.bfloat16)
     before = model[1].bias.detach().clone()
     value = torch.tensor([0.1, 0.2], dtype=torch.float32)
     with use_params(model, {"1.bias": value}):

@@ -28,16 +28,7 @@ from swaglora.posterior import (
     register,
 )
 
-
-def small_model(out: int = 2, train_first: bool = False) -> nn.Sequential:
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, out))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    model.requires_grad_(False)
-    model[0 if train_first else 1].requires_grad_(True)
-    return model
+from conftest import small_model
 
 
 def fit(posterior: Posterior, model: nn.Module, n: int = 6, seed: int = 1) -> Posterior:

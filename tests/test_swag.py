@@ -12,17 +12,7 @@ from torch import nn
 from swaglora.params import flatten, trainable_parameters, unflatten, use_params
 from swaglora.posterior import SWAG, SWAGDiag, get_method
 
-
-def small_model(dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """Linear(4,3) frozen + Linear(3,2) trainable: D = 6 + 2 = 8 tracked numbers."""
-    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    model = model.to(dtype)
-    model[0].requires_grad_(False)
-    return model
+from conftest import small_model
 
 
 def set_trainable(model: nn.Module, vector: torch.Tensor) -> None:
@@ -194,7 +184,7 @@ def test_sample_before_collect_is_an_error():
 
 
 def test_bf16_model_moments_in_fp32():
-    model = small_model(torch.bfloat16)
+    model = small_model(dtype=torch.bfloat16)
     swag = SWAG(model, max_rank=2)
     thetas = snapshots(4, 8, dtype=torch.bfloat16)
     for theta in thetas:
