@@ -170,3 +170,20 @@ def test_members_trained_separately_are_combined_by_evaluate(tmp_path, tiny_mode
     mixed = [json.loads(l)["probs"] for l in (out / "eval" / "test" / "ensemble" / "predictions.jsonl").read_text().splitlines()]
     for x, y, m in zip(pa, pb, mixed):
         assert m == pytest.approx([(u + v) / 2 for u, v in zip(x, y)], abs=2e-6)
+
+
+def test_evaluate_fits_missing_posthoc_methods_on_a_finished_run(tmp_path, tiny_model_dir, data_files):
+    run = tmp_path / "run"
+    args = _common(tiny_model_dir, data_files)
+    assert main(["train", "--out", str(run), *args, "--members", "1", "--methods", "map,swag"]) == 0
+    posteriors = run / "members" / "0" / "posteriors"
+    assert not (posteriors / "laplace").exists() and not (posteriors / "dropout").exists()
+    assert main(["evaluate", "--run", str(run), "--methods", "laplace,dropout", "--quiet"]) == 0
+    assert (posteriors / "laplace" / "posterior.safetensors").is_file()
+    # Laplace is centred on the member's MAP weights
+    from swaglora.posterior import load_posterior
+
+    laplace = load_posterior(posteriors / "laplace").mean_params()
+    map_weights = load_posterior(posteriors / "map").sample()
+    assert all(torch.allclose(laplace[k].float(), map_weights[k].float()) for k in map_weights)
+    assert json.loads((run / "eval" / "test" / "laplace" / "metrics.json").read_text())["n"] == 16

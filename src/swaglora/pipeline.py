@@ -36,8 +36,8 @@ from .calibration import apply_temperature, fit_temperature
 from .data import MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import atomic_write_json, atomic_write_text, read_json
 from .models import LoadedModel, add_lora, decoder_parts, load_model, model_fingerprint
-from .params import trainable_parameters
-from .posterior import get_method, load_posterior
+from .params import trainable_parameters, use_params
+from .posterior import Posterior, get_method, load_posterior
 from .predict import predict_logits
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
@@ -238,9 +238,7 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
                 return
             for name, p in posteriors.items():
                 if not p.trajectory:
-                    p.collect(m)
-                    p.fit(m, [session.train[i : i + cfg.train.batch_size] for i in range(0, len(session.train), cfg.train.batch_size)],
-                          session_loss(session))
+                    fit_posthoc(session, p)
                     p.save(out / "posteriors" / name, meta)  # now: a resumed run after this point reloads it
 
         result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
@@ -259,6 +257,30 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
                                                   "n_train": len(session.train), "library_version": __version__})
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
         dist.wait()
+
+
+def fit_posthoc(session: Session, posterior: Posterior) -> None:
+    """Collect and fit a post-hoc posterior (MAP, MC dropout, Laplace) at the model's current weights."""
+    size = session.cfg.train.batch_size
+    posterior.collect(session.model)
+    posterior.fit(session.model, [session.train[i : i + size] for i in range(0, len(session.train), size)],
+                  session_loss(session))
+
+
+def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
+    """Fit a post-hoc method that a finished member was trained without, at that member's saved MAP weights,
+    so ``evaluate --methods laplace`` works on any run without retraining."""
+    cls = get_method(name)
+    if cls.trajectory:
+        raise ValueError(f"{member} has no '{name}' posterior and it can only be collected during training; "
+                         f"retrain with it in --methods")
+    if not session.train:
+        raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
+    map_weights = load_posterior(member / "posteriors" / "map", model=session.model, expected_metadata=session.metadata)
+    with use_params(session.model, map_weights.sample()):
+        posterior = cls(session.model, **_posterior_kwargs(name, session.cfg))
+        fit_posthoc(session, posterior)
+    posterior.save(member / "posteriors" / name, session.metadata)
 
 
 def session_loss(session: Session):
@@ -357,6 +379,8 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
         if key not in memo:
             start = time.perf_counter()
             directory = members[index] / "posteriors" / posterior_name
+            if not directory.is_dir():
+                add_posthoc_posterior(session, members[index], posterior_name)
             posterior = load_posterior(directory, model=session.model, expected_metadata=session.metadata)
             generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/{members[index]}/{posterior_name}".encode()))
             thetas = posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
