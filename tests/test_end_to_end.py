@@ -187,3 +187,15 @@ def test_evaluate_fits_missing_posthoc_methods_on_a_finished_run(tmp_path, tiny_
     map_weights = load_posterior(posteriors / "map").sample()
     assert all(torch.allclose(laplace[k].float(), map_weights[k].float()) for k in map_weights)
     assert json.loads((run / "eval" / "test" / "laplace" / "metrics.json").read_text())["n"] == 16
+
+
+def test_blob_shift_protocol_expands_to_its_four_sets(tiny_model_dir):
+    from swaglora.config import RunConfig, apply_overrides
+    from swaglora.pipeline import eval_sets, open_session
+
+    cfg = apply_overrides(RunConfig(), {"model.name": str(tiny_model_dir), "data.task": "obqa", "eval.shift": "blob,obqa",
+                                        "eval.limit": 5, "data.train_limit": 10, "data.val_limit": 5,
+                                        "swag.epochs": 0})
+    names = [(name, role) for name, role, _ in eval_sets(open_session(cfg))]
+    assert names == [("validation", "validation"), ("obqa", "test"), ("arc_challenge", "shift"), ("arc_easy", "shift"),
+                     ("mmlu:college_chemistry", "shift"), ("mmlu:college_physics", "shift")]

@@ -173,7 +173,7 @@ class LaplaceConfig:
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
-    shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group>, files)", flag=("--shift", "--eval"))
+    shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group or subject>, files; blob = BLoB's protocol: arc_challenge,arc_easy,mmlu:college_chemistry,mmlu:college_physics)", flag=("--shift", "--eval"))
     limit: int = _f(150, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")

@@ -33,7 +33,7 @@ from torch import nn
 from . import __version__, metrics
 from .config import RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
-from .data import MCQExample, limit, resolve_dataset, split_validation, task_splits
+from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import atomic_write_json, atomic_write_text, read_json
 from .models import LoadedModel, add_lora, decoder_parts, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
@@ -319,7 +319,9 @@ def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
         name = cfg.data.task
         split = task_splits(cfg.data.task).test if cfg.eval.split == "test" else cfg.eval.split
         sets.append((name, "test", limit(resolve_dataset(cfg.data.task, split), lim, seed)))
-    for spec in [s.strip() for s in cfg.eval.shift.split(",") if s.strip()]:
+    specs = [s.strip() for s in cfg.eval.shift.split(",") if s.strip()]
+    specs = [x for spec in specs for x in (BLOB_SHIFT_SETS if spec == "blob" else (spec,))]  # BLoB's protocol
+    for spec in dict.fromkeys(specs):
         if spec == name:
             continue
         sets.append((_display_name(spec), "shift", limit(resolve_dataset(spec, "test"), lim, seed)))
