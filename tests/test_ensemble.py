@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from swaglora.io import load_safetensors
 from swaglora.params import trainable_parameters

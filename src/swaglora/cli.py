@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, SECTIONS, ConfigError, RunConfig, apply_overrides, config_to_dict, load_config_file
+from .config import PRESETS, SECTIONS, ConfigError, RunConfig, apply_overrides, load_config_file
 
 __all__ = ["main", "build_parser"]
 
