@@ -50,6 +50,8 @@ class SWAGState:
 
 
 class SWAG(Posterior):
+    """SWAG: Gaussian with the SWA mean and diagonal + rank-K covariance from the collected snapshots."""
+
     name = "swag"
     trajectory = True
 
