@@ -30,6 +30,7 @@ __all__ = [
     "cache_dir",
     "load_model",
     "add_lora",
+    "init_lora",
     "DecoderParts",
     "decoder_parts",
     "model_fingerprint",
@@ -253,14 +254,22 @@ def add_lora(model: nn.Module, lora: LoraSettings, seed: int) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
-    # peft draws lora_A from the global RNG; redraw it from a local generator so that runs are
-    # seeded without touching global state (same kaiming-uniform init as peft; lora_B stays zero).
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in peft_model.named_parameters():
-        if "lora_A" in name and param.requires_grad:
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
+    init_lora(peft_model, seed)
     return peft_model
+
+
+@torch.no_grad()
+def init_lora(model: nn.Module, seed: int) -> None:
+    """peft's LoRA init (lora_A kaiming-uniform, lora_B zero), drawn from a local seeded generator:
+    peft itself uses the global RNG, and library code must not seed that."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_A" in name:
+            nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
+        elif "lora_B" in name:
+            param.zero_()
 
 
 def model_fingerprint(model: nn.Module) -> str:

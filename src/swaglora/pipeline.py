@@ -35,7 +35,7 @@ from .config import RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
 from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import atomic_write_json, atomic_write_text, read_json
-from .models import LoadedModel, add_lora, decoder_parts, load_model, model_fingerprint
+from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import Posterior, get_method, load_posterior
 from .predict import predict_logits
@@ -153,16 +153,11 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
 def reset_trainable(session: Session, seed: int) -> None:
     """Fresh LoRA init for an ensemble member (lora_A kaiming-uniform from a seeded generator, lora_B zero,
     letter head back to the LM-head rows)."""
-    generator = torch.Generator().manual_seed(seed)
     head = decoder_parts(session.model).lm_head.weight
-    for name, module in session.model.named_modules():
+    for module in session.model.modules():
         if isinstance(module, LetterHead):
             module.weight.copy_(head[module.token_ids])
-    for name, param in trainable_parameters(session.model).items():
-        if "lora_A" in name:
-            nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
-        elif "lora_B" in name:
-            param.zero_()
+    init_lora(session.model, seed)
 
 
 def _needed_posteriors(rows: list[str]) -> list[str]:

@@ -281,15 +281,9 @@ class HiddenCache:
             return self.scorer.bottom(batch)
         missing = [i for i, key in enumerate(batch.keys) if key not in self._store]
         if missing:
-            fresh = self.scorer.bottom(batch) if len(missing) == batch.size else None
-            if fresh is None:
-                sub = _select(batch, missing)
-                fresh_sub = self.scorer.bottom(sub)
-                for j, i in enumerate(missing):
-                    self._store[batch.keys[i]] = fresh_sub[j, : int(batch.lengths[i])].clone()
-            else:
-                for i in missing:
-                    self._store[batch.keys[i]] = fresh[i, : int(batch.lengths[i])].clone()
+            fresh = self.scorer.bottom(batch if len(missing) == batch.size else _select(batch, missing))
+            for j, i in enumerate(missing):
+                self._store[batch.keys[i]] = fresh[j, : int(batch.lengths[i])].clone()
         weight = self.scorer.parts.embed_tokens.weight
         out = torch.zeros(batch.size, batch.input_ids.shape[1], weight.shape[1], dtype=weight.dtype, device=weight.device)
         for i, key in enumerate(batch.keys):
