@@ -34,9 +34,14 @@ def _args(model_dir: Path, data: Path, run: Path, *extra: str) -> list[str]:
             "--lora-r", "2", "--lora-layers", "top:1", "--threads", "1", "--quiet", *extra]
 
 
-def _slow(delay: float) -> list[str]:
-    """``python -m swaglora`` that sleeps ``delay`` s per optimiser step, so a signal lands where the test wants it."""
-    boot = (f"import sys, time, swaglora.train as t; lr_at = t.lr_at; t.lr_at = lambda *a: (time.sleep({delay}), lr_at(*a))[1]; "
+def _slow(delay: float, progress: Path | None = None) -> list[str]:
+    """``python -m swaglora`` that sleeps ``delay`` s per optimiser step, so a signal lands where the test wants it.
+
+    With ``progress``, the child also writes the number of finished optimiser steps there before each sleep
+    (``lr_at`` is called with that number just before the next step), so a test can wait for steps that no
+    checkpoint records."""
+    record = f"open({str(progress)!r}, 'w').write(str(a[0])), " if progress is not None else ""
+    boot = (f"import sys, time, swaglora.train as t; lr_at = t.lr_at; t.lr_at = lambda *a: ({record}time.sleep({delay}), lr_at(*a))[-1]; "
             "from swaglora.cli import main; sys.exit(main(sys.argv[1:]))")
     return [sys.executable, "-c", boot]
 
@@ -75,13 +80,22 @@ def _run(cmd: list[str], tmp_path: Path, name: str) -> tuple[int, str]:
         return rc, err.read()
 
 
-def _signal_when(cmd: list[str], run: Path, tmp_path: Path, ready, sig: int) -> tuple[int, str]:
-    """Start ``cmd``, wait until a checkpoint step satisfies ``ready``, send ``sig``; (exit code, stderr)."""
+def _finished_steps(progress: Path) -> list[int]:
+    try:
+        return [int(progress.read_text())]
+    except (FileNotFoundError, ValueError):  # not started yet, or caught between open and write
+        return []
+
+
+def _signal_when(cmd: list[str], run: Path, tmp_path: Path, ready, sig: int, steps=None) -> tuple[int, str]:
+    """Start ``cmd``, wait until a step from ``steps()`` (default: the checkpoint steps) satisfies ``ready``,
+    send ``sig``; (exit code, stderr)."""
+    steps = steps or (lambda: _steps(run))
     with open(tmp_path / "interrupted.err", "w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 240
         try:
-            while not any(ready(s) for s in _steps(run)):
+            while not any(ready(s) for s in steps()):
                 assert proc.poll() is None, "training ended before the signal could be sent"
                 assert time.monotonic() < deadline, "no suitable checkpoint appeared"
                 time.sleep(0.01)
@@ -150,7 +164,9 @@ def test_kill_during_swag_collection_resumes_bitwise(tmp_path, tiny_model_dir, d
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_rerun_resumes(tmp_path, tiny_model_dir, data, reference):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, data, run)  # checkpoints only at epoch ends: Ctrl-C must write its own
-    rc, err = _signal_when(_slow(0.15) + args, run, tmp_path, lambda s: s >= STEPS_PER_EPOCH, signal.SIGINT)
+    progress = tmp_path / "progress"  # wait until the child is past the epoch-end checkpoint, inside epoch 2
+    rc, err = _signal_when(_slow(0.15, progress) + args, run, tmp_path, lambda s: s >= STEPS_PER_EPOCH + 1,
+                           signal.SIGINT, steps=lambda: _finished_steps(progress))
     assert rc == 130, err
     assert "interrupted after optimiser step" in err and "again to resume" in err
     step = int(err.split("interrupted after optimiser step ")[1].split(";")[0])
