@@ -136,7 +136,7 @@ def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_mod
 
     run = tmp_path / "run"
     args = _common(tiny_model_dir, data_files)
-    assert main(["run", "--out", str(run), *args, "--methods", "all", "--calibrate", "temperature"]) == 0
+    assert main(["run", "--out", str(run), *args, "--methods", "all", "--calibrate", "temperature", "--laplace-glm-samples", "50"]) == 0
     rows = {p.name for p in (run / "eval" / "test").iterdir()}
     assert rows == set(ROWS) | {f"{r}+ts" for r in ROWS}
     for row in ROWS:
@@ -147,7 +147,9 @@ def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_mod
     dropout = json.loads((run / "eval" / "test" / "dropout" / "metrics.json").read_text())
     assert dropout["n_samples"] == 3
     laplace = json.loads((run / "eval" / "test" / "laplace" / "metrics.json").read_text())
-    assert laplace["n_samples"] == 3 and laplace["scale"] is None
+    assert laplace["n_samples"] == 50 and laplace["scale"] is None  # the linearised predictive's logit samples
+    sampled = json.loads((run / "eval" / "test" / "laplace-sample" / "metrics.json").read_text())
+    assert sampled["n_samples"] == 3 and sampled["nll"] != laplace["nll"]
     for name in ("report.md", "results.csv", "results.json"):
         assert (run / name).is_file()
     assert any((run / "figures").glob("*.png"))

@@ -358,3 +358,116 @@ def test_peft_letter_head_is_the_last_layer_and_exact_for_one_example():
     a, g = factors(post, "base_model.model.letter_head.weight")
     torch.testing.assert_close(a, torch.outer(h, h), rtol=1e-5, atol=1e-6)  # logits = W h: GGN = Λ ⊗ h hᵀ
     torch.testing.assert_close(g, torch.diag(p) - torch.outer(p, p), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- linearised (GLM) predictive
+def reference_jacobians(model, x, names, absent=None):
+    """{name: [N, C, *shape]} by jacrev on one example at a time (no hooks)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    out = {n: [] for n in names}
+    for xi in x:
+        jac = jacrev(lambda ps: functional_call(model, {**params, **ps}, (xi[None],))[0])({n: params[n] for n in names})  # noqa: B023
+        for n in names:
+            out[n].append(jac[n])
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def test_per_example_jacobians_match_jacrev_for_linear_maps_and_other_tensors():
+    from swaglora.jacobians import per_example_jacobians
+
+    model = Mixed()
+    x, _ = data(5)
+    logits, jac = per_example_jacobians(model, lambda: model(x), [("head.weight", None)], ["gain", "squash.weight"])
+    want = reference_jacobians(model, x, ["head.weight", "gain", "squash.weight"])
+    torch.testing.assert_close(logits, model(x).detach())
+    for n in want:
+        torch.testing.assert_close(jac[n].double(), want[n], rtol=1e-5, atol=1e-6)
+    mlp_model = mlp()
+    pairs = [("0.weight", "0.bias"), ("2.weight", "2.bias")]
+
+    def masked():  # choice 2 absent for examples 1 and 3
+        out = mlp_model(x)
+        return out.masked_fill(torch.tensor([[False, False, i in (1, 3)] for i in range(5)]), float("-inf"))
+
+    _, jac = per_example_jacobians(mlp_model, masked, pairs)
+    want = reference_jacobians(mlp_model, x, [n for p in pairs for n in p])
+    for n in want:
+        want[n][[1, 3], 2] = 0
+        torch.testing.assert_close(jac[n].double(), want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_jacobians_of_a_peft_llama_sum_over_positions():
+    from swaglora.jacobians import per_example_jacobians
+
+    model = tiny_lora_llama().eval()
+    ids, _ = llama_batches(4, 4)[0]
+    params = trainable_parameters(model)
+    pairs = [(n, None) for n in params]
+    _, jac = per_example_jacobians(model, lambda: llama_loss(model, (ids, None))[0], pairs)
+    for i in range(len(ids)):  # one example at a time, one backward pass per choice
+        for c in range(len(CHOICES)):
+            grads = torch.autograd.grad(llama_loss(model, (ids[i : i + 1], None))[0][0, c], list(params.values()))
+            for n, g in zip(params, grads):
+                torch.testing.assert_close(jac[n][i, c], g, rtol=1e-4, atol=1e-6)
+
+
+def test_logit_covariance_is_j_sigma_jt_with_the_dense_kfac_posterior():
+    model = mlp()
+    x, y = data(9)
+    post = fitted(model, x, y, size=4, prior_precision=0.8, default_scale=1.0)
+    pairs = [("0.weight", "0.bias"), ("2.weight", "2.bias")]
+    assert post.linearization() == (pairs, [])
+    want = reference_jacobians(model, x, [n for p in pairs for n in p])
+    cov = post.logit_covariance(want, scale=0.6)
+    blocks = [kfac_block(post, w) for w, _ in pairs]
+    sigma = 0.6 * torch.linalg.inv(torch.block_diag(*blocks) + 0.8 * torch.eye(sum(b.shape[0] for b in blocks), dtype=torch.float64))
+    j = torch.cat([torch.cat([want[w], want[b][..., None]], -1).flatten(2) for w, b in pairs], -1)  # [N, C, D] in [W | b] row order
+    torch.testing.assert_close(cov, j @ sigma @ j.transpose(1, 2), rtol=1e-9, atol=1e-12)
+    mixed = Mixed()
+    post = fitted(mixed, x, y, prior_precision=2.0)  # a KFAC head and diagonal leftovers
+    jm = reference_jacobians(mixed, x, ["head.weight", "gain", "squash.weight"])
+    diag = torch.cat([post.state_dict()[f"diag.{n}"].reshape(-1) for n in ("gain", "squash.weight")])
+    sigma = torch.linalg.inv(torch.block_diag(kfac_block(post, "head.weight"), torch.diag(diag)) + 2.0 * torch.eye(12 + 3 + 12, dtype=torch.float64))
+    j = torch.cat([jm[n].flatten(2) for n in ("head.weight", "gain", "squash.weight")], -1)
+    torch.testing.assert_close(post.logit_covariance(jm), j @ sigma @ j.transpose(1, 2), rtol=1e-9, atol=1e-12)
+
+
+def test_linearised_predictive_samples_n_f_jsjt_on_the_scorer(tiny_model_dir):
+    from swaglora.config import LoraSettings, ModelConfig
+    from swaglora.data import MCQExample
+    from swaglora.jacobians import per_example_jacobians
+    from swaglora.models import add_lora, load_model
+    from swaglora.predict import predict_logits, predict_logits_linearized
+    from swaglora.scoring import Scorer
+
+    from conftest import make_examples
+
+    lm = load_model(ModelConfig(name=str(tiny_model_dir)))
+    model = add_lora(lm.model, LoraSettings(r=2, targets="q_proj,v_proj", layers="all"), seed=0).eval()  # LoRA dropout off
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A without Jacobians
+        for n, p in trainable_parameters(model).items():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    scorer = Scorer(model, lm.tokenizer, "cloze")
+    examples = [MCQExample(r["id"], r["question"], tuple(r["choices"]), tuple(r["labels"]), r["answer"])
+                for r in make_examples(6, 3)]
+    assert len({ex.n_choices for ex in examples}) > 1  # some choices are absent (padding to the widest)
+    post = Laplace(model, prior_precision=1.0)
+    post.fit(model, [scorer.batch(examples[:3]), scorer.batch(examples[3:])], lambda m, b: (scorer.top(scorer.bottom(b), b), b.labels))
+    mean = predict_logits(scorer, examples, [post.mean_params()])[0]
+    at_mean = predict_logits_linearized(scorer, examples, post, 3, torch.Generator().manual_seed(0), scale=0.0)
+    torch.testing.assert_close(at_mean, mean.expand(3, -1, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isinf(at_mean[0]), torch.isinf(mean))  # absent choices stay -inf
+    draws = predict_logits_linearized(scorer, examples, post, 4000, torch.Generator().manual_seed(1), batch_size=4)
+    again = predict_logits_linearized(scorer, examples, post, 4000, torch.Generator().manual_seed(1), batch_size=2)
+    torch.testing.assert_close(draws, again, rtol=1e-4, atol=1e-4)  # batching does not matter (float32 padding noise)
+    k = next(i for i, ex in enumerate(examples) if ex.n_choices == max(e.n_choices for e in examples))
+    batch = scorer.batch(examples[k : k + 1])
+    with use_params(model, post.mean_params()):
+        _, jac = per_example_jacobians(model, lambda: scorer.top(scorer.bottom(batch), batch), *post.linearization())
+    cov = post.logit_covariance(jac)[0].double()
+    assert torch.linalg.eigvalsh(cov).max() > 1e-4  # a real spread, which the samples must reproduce
+    sample, centre = draws[:, k].double().numpy(), mean[k].double().numpy()
+    mean_z, cov_z = max_z_scores(sample, centre, cov.numpy())
+    assert mean_z < 5 and cov_z < 5, (mean_z, cov_z)
+    assert max(max_z_scores(sample, centre, 2 * cov.numpy())) > 5

@@ -77,3 +77,11 @@ def test_contract(name, setup, tmp_path):
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]), atol=1e-5, rtol=0)
     for i, ex in enumerate(examples):
         assert torch.all(probs[:, i, ex.n_choices:] == 0)
+    if loaded.linearization() is not None:  # the linearised predictive, where a method has one
+        glm = predict_probs(scorer, examples, loaded, n_samples=5, generator=torch.Generator().manual_seed(1), linearized=True)
+        assert glm.shape == (5, *probs.shape[1:])
+        torch.testing.assert_close(glm.sum(-1), torch.ones(glm.shape[:2]), atol=1e-5, rtol=0)
+        assert all(torch.all(glm[:, i, ex.n_choices:] == 0) for i, ex in enumerate(examples))
+    else:
+        with pytest.raises(ValueError, match="no linearised predictive"):
+            predict_probs(scorer, examples, loaded, n_samples=2, generator=torch.Generator().manual_seed(1), linearized=True)

@@ -161,12 +161,15 @@ class SWAGConfig:
 class LaplaceConfig:
     subset: str = _f("all", "parameters under the Laplace approximation: all (every LoRA layer) or last-layer")
     prior_precision: float = _f(0.0, "prior precision; 0 = chosen by maximising the marginal likelihood")
+    glm_samples: int = _f(100, "samples of the linearised (GLM) predictive's Gaussian logits per example (cheap: no extra forward passes)")
 
     def __post_init__(self) -> None:
         if self.subset not in ("all", "last-layer"):
             raise ConfigError(f"laplace.subset must be 'all' or 'last-layer', got {self.subset!r}")
         if self.prior_precision < 0:
             raise ConfigError(f"laplace.prior_precision must be >= 0, got {self.prior_precision}")
+        if self.glm_samples < 1:
+            raise ConfigError(f"laplace.glm_samples must be >= 1, got {self.glm_samples}")
 
 
 @dataclass

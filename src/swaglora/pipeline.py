@@ -38,7 +38,7 @@ from .io import atomic_write_json, atomic_write_text, read_json
 from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import Posterior, get_method, load_posterior
-from .predict import predict_logits
+from .predict import predict_logits, predict_logits_linearized
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
 
@@ -53,6 +53,7 @@ class Row:
     all_members: bool = False  # True: equal-weight ensemble over every member (MultiSWAG, deep ensemble)
     scale: float | None = None  # covariance scale override (0 = the mean)
     sampled: bool = True  # False: one draw (a point estimate)
+    linearized: bool = False  # True: average through the linearised model (GLM predictive) instead of weight draws
     help: str = ""
 
 
@@ -66,7 +67,8 @@ ROWS: dict[str, Row] = {
     "multiswag": Row("swag", all_members=True, help="ensemble of the members' SWAG posteriors"),
     "ensemble": Row("map", all_members=True, help="deep ensemble of the members' MAP weights"),
     "dropout": Row("dropout", help="MC dropout: MAP weights with LoRA dropout kept on while predicting"),
-    "laplace": Row("laplace", help="Laplace-LoRA: KFAC curvature at the MAP weights, sampled predictive"),
+    "laplace": Row("laplace", linearized=True, help="Laplace-LoRA: KFAC curvature at the MAP weights, linearised (GLM) predictive"),
+    "laplace-sample": Row("laplace", help="Laplace-LoRA with the predictive sampled in weight space"),
 }
 
 
@@ -371,8 +373,9 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     configured = None if cfg.swag.scale == "auto" else float(cfg.swag.scale)
     bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
 
-    def member_logits(index: int, posterior_name: str, scale: float | None, n: int) -> tuple[dict[str, torch.Tensor], float]:
-        key = (index, posterior_name, scale, n)
+    def member_logits(index: int, posterior_name: str, scale: float | None, n: int,
+                      linearized: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+        key = (index, posterior_name, scale, n, linearized)
         if key not in memo:
             start = time.perf_counter()
             directory = members[index] / "posteriors" / posterior_name
@@ -380,13 +383,17 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
                 add_posthoc_posterior(session, members[index], posterior_name)
             posterior = load_posterior(directory, model=session.model, expected_metadata=session.metadata)
             generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/{members[index]}/{posterior_name}".encode()))
-            thetas = posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
+            thetas = [] if linearized else posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
             logits = {}
             for set_name, _, examples in sets:
-                logits[set_name] = predict_logits(session.scorer, examples, thetas, cache=session.cache,
-                                                  batch_size=cfg.eval.batch_size, stochastic=posterior.stochastic_forward,
-                                                  dropout_generator=generator)
-                bar.update(len(examples) * len(thetas))
+                if linearized:
+                    logits[set_name] = predict_logits_linearized(session.scorer, examples, posterior, n, generator,
+                                                                 cache=session.cache, batch_size=cfg.eval.batch_size, scale=scale)
+                else:
+                    logits[set_name] = predict_logits(session.scorer, examples, thetas, cache=session.cache,
+                                                      batch_size=cfg.eval.batch_size, stochastic=posterior.stochastic_forward,
+                                                      dropout_generator=generator)
+                bar.update(len(examples) * max(len(thetas), 1))
             memo[key] = (logits, time.perf_counter() - start)
         return memo[key]
 
@@ -415,13 +422,13 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     results = []
     for name in rows:
         row = ROWS[name]
-        n = cfg.swag.samples if row.sampled else 1
+        n = cfg.laplace.glm_samples if row.linearized else cfg.swag.samples if row.sampled else 1
         swag_like = row.posterior.startswith("swag")
         scale = row.scale if row.scale is not None else (configured if swag_like else None)
         if scale is None and row.sampled and swag_like:
             scale = auto_scale(row.posterior, n)
         used = range(len(members)) if row.all_members else range(1)
-        parts = [member_logits(i, row.posterior, scale, n) for i in used]
+        parts = [member_logits(i, row.posterior, scale, n, row.linearized) for i in used]
         probs = {set_name: torch.softmax(torch.cat([p[0][set_name] for p in parts]), -1) for set_name, _, _ in sets}
         variants = [(name, probs, {})]
         if cfg.eval.calibrate == "temperature":

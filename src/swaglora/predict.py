@@ -8,6 +8,11 @@ logits) over S, so accuracy, NLL and mutual information all come from one predic
 The frozen lower layers do not depend on the draw: their output comes from a
 ``HiddenCache`` and is computed once per example, so S samples cost the top layers S
 times and the bottom layers once.
+
+Posteriors that offer it (Laplace) can instead be averaged through the *linearised* model
+(``predict_logits_linearized``, the GLM predictive of Laplace-LoRA): one forward pass and C
+backward passes per batch give each example's logits f and Jacobian J at the posterior mean;
+the logits are then Gaussian, N(f, J Sigma J^T), and S samples of them cost nothing more.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import torch
 from torch import nn
 
 from .data import MCQExample
+from .jacobians import per_example_jacobians
 from .params import use_params
 from .posterior import Posterior
 from .scoring import HiddenCache, Scorer
 
-__all__ = ["predict_probs", "predict_logits", "dropout_active"]
+__all__ = ["predict_probs", "predict_logits", "predict_logits_linearized", "dropout_active"]
 
 
 @contextmanager
@@ -85,6 +91,52 @@ def predict_logits(
     return out
 
 
+def predict_logits_linearized(
+    scorer: Scorer,
+    examples: list[MCQExample],
+    posterior: Posterior,
+    n_samples: int,
+    generator: torch.Generator,
+    cache: HiddenCache | None = None,
+    batch_size: int = 16,
+    scale: float | None = None,
+    progress=None,
+) -> torch.Tensor:
+    """Choice logits ``[S, N, C]`` sampled from the linearised predictive ``N(f, J Sigma J^T)`` per example.
+
+    ``f`` and ``J`` are taken at ``posterior.linearization_point()``; ``Sigma`` (times ``scale``) is the
+    posterior's covariance over the parameters ``posterior.linearization()`` names. ``scale=0`` gives the
+    mean's logits in every sample. Noise comes from ``generator`` only, drawn after all batches.
+    """
+    layout = posterior.linearization()
+    if layout is None:
+        raise ValueError(f"{type(posterior).__name__} has no linearised predictive; use predict_logits")
+    linear, other = layout
+    cache = cache if cache is not None else HiddenCache(scorer, enabled=False)
+    n = len(examples)
+    c = max(ex.n_choices for ex in examples)
+    means = torch.full((n, c), float("-inf"), dtype=torch.float64)
+    covs = torch.zeros(n, c, c, dtype=torch.float64)
+    order = _order_by_length(scorer, examples)
+    model = scorer.model
+    with dropout_active(model, False), use_params(model, posterior.linearization_point()):
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            batch = scorer.batch([examples[i] for i in rows])
+            hidden = cache.hidden(batch)
+            logits, jac = per_example_jacobians(model, lambda: scorer.top(hidden, batch), linear, other)
+            cov = posterior.logit_covariance(jac, scale=scale)
+            idx, k = torch.tensor(rows), logits.shape[1]
+            means[idx, :k] = logits.double().cpu()
+            covs[idx, :k, :k] = cov.double().cpu()
+            if progress is not None:
+                progress.update(len(rows))
+    values, vectors = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
+    root = vectors * values.clamp(min=0).sqrt()[:, None, :]  # root @ root^T = covariance
+    noise = torch.randn(n_samples, n, c, generator=generator, dtype=torch.float64)
+    return (means[None] + torch.einsum("ncd,snd->snc", root, noise)).float()
+
+
 def _state_for(generator: torch.Generator) -> torch.Tensor:
     """A fresh RNG state derived from ``generator`` (advances it), for code that only uses the global RNG."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -102,17 +154,17 @@ def predict_probs(
     scale: float | None = None,
     temperature: float = 1.0,
     progress=None,
+    linearized: bool = False,
 ) -> torch.Tensor:
-    """Per-sample probabilities ``[S, N, C]`` (padded choices have probability 0)."""
-    thetas = posterior.draws(n_samples, generator=generator, scale=scale)
-    logits = predict_logits(
-        scorer,
-        examples,
-        thetas,
-        cache=cache,
-        batch_size=batch_size,
-        stochastic=posterior.stochastic_forward,
-        dropout_generator=generator,
-        progress=progress,
-    )
+    """Per-sample probabilities ``[S, N, C]`` (padded choices have probability 0).
+
+    ``linearized=True``: through the linearised model (``predict_logits_linearized``), for posteriors that have it.
+    """
+    common = {"cache": cache, "batch_size": batch_size, "progress": progress}
+    if linearized:
+        logits = predict_logits_linearized(scorer, examples, posterior, n_samples, generator, scale=scale, **common)
+    else:
+        thetas = posterior.draws(n_samples, generator=generator, scale=scale)
+        logits = predict_logits(scorer, examples, thetas, stochastic=posterior.stochastic_forward,
+                                dropout_generator=generator, **common)
     return torch.softmax(logits / temperature, dim=-1)

@@ -94,6 +94,21 @@ class Posterior(ABC):
     def is_point_mass(self) -> bool:
         return False
 
+    # -------------------------------------------------- linearised (GLM) predictive, optional
+    def linearization(self) -> tuple[list[tuple[str, str | None]], list[str]] | None:
+        """For the linearised predictive: the parameters whose per-example Jacobians
+        :meth:`logit_covariance` needs, as (linear weight, bias or None) pairs and other names.
+        ``None`` (the default): this method has no linearised predictive."""
+        return None
+
+    def linearization_point(self) -> dict[str, Tensor]:
+        """Weights to linearise the model around (the posterior mean)."""
+        raise NotImplementedError(f"{type(self).__name__} has no linearised predictive")
+
+    def logit_covariance(self, jacobians: Mapping[str, Tensor], scale: float | None = None) -> Tensor:
+        """``J Sigma J^T`` per example, ``[B, C, C]``, from Jacobians ``{name: [B, C, *shape]}``."""
+        raise NotImplementedError(f"{type(self).__name__} has no linearised predictive")
+
     @property
     def n_collected(self) -> int | None:
         return None

@@ -294,6 +294,39 @@ class Laplace(Posterior):
             theta[n] = theta[n].to(self.dtype) + math.sqrt(scale) * randn(*h.shape) * (h + lam).rsqrt()
         return theta
 
+    # ------------------------------------------------------------------ linearised predictive
+    def linearization(self) -> tuple[list[tuple[str, str | None]], list[str]]:
+        self._require_fit("linearization")
+        return [(w, b) for w, b in self.layout["kron"]], list(self.layout["diag"])
+
+    def linearization_point(self) -> dict[str, Tensor]:
+        return self.mean_params()
+
+    def logit_covariance(self, jacobians: Mapping[str, Tensor], scale: float | None = None) -> Tensor:
+        r"""GLM predictive covariance :math:`\text{scale}\cdot J P^{-1} J^\top` per example, ``[B, C, C]``.
+
+        Per KFAC block, in the eigenbasis of G and A: :math:`\sum_{oi} \tilde J_{c,oi} \tilde J_{d,oi} /
+        (N\gamma_o\alpha_i + \lambda)` with :math:`\tilde J = Q_G^\top J Q_A`; the diagonal part divides by
+        :math:`h + \lambda`. Uncovered parameters (``subset="last-layer"``) have no variance.
+        """
+        self._require_fit("logit_covariance")
+        scale = self.default_scale if scale is None else float(scale)
+        lam, cov = self.prior_precision, None
+        for w, b in self.layout["kron"]:
+            k = self._kron[w]
+            j = jacobians[w].to(device=self.device, dtype=self.dtype)
+            if b:
+                j = torch.cat([j, jacobians[b].to(device=self.device, dtype=self.dtype)[..., None]], -1)
+            rotated = k["G_eigvecs"].T @ j @ k["A_eigvecs"]
+            var = (self.n_data * torch.outer(k["G_eigvals"], k["A_eigvals"]) + lam).reciprocal()
+            part = torch.einsum("bcoi,bdoi->bcd", rotated * var, rotated)
+            cov = part if cov is None else cov + part
+        for n, h in self._diag.items():
+            j = jacobians[n].to(device=self.device, dtype=self.dtype).flatten(2)
+            part = torch.einsum("bcp,bdp->bcd", j / (h.reshape(-1) + lam), j)
+            cov = part if cov is None else cov + part
+        return scale * cov
+
     def hparams(self) -> dict[str, Any]:
         dtype = next(k for k, v in _DTYPES.items() if v == self.dtype)
         return {"prior_precision": self.fixed_prior, "subset": self.subset, "dtype": dtype,
