@@ -82,7 +82,7 @@ METRIC_LABELS = {
     "abstain_threshold": "Threshold", "abstain_risk": "Risk", "abstain_coverage": "Coverage",
 }
 #: Usual order of methods in tables (others follow alphabetically; ``m+ts`` follows ``m``).
-METHOD_ORDER = ("zero-shot", "map", "swa", "swag-diag", "swag", "multiswag", "ensemble", "dropout", "laplace")
+METHOD_ORDER = ("zero-shot", "map", "swa", "swag-diag", "swag", "multiswag", "ensemble", "dropout", "laplace", "laplace-sample")
 N_UNCERTAIN = 10
 QUESTION_CHARS = 120
 N_BINS = 15
