@@ -128,10 +128,10 @@ def _cmd_methods() -> int:
     print("posterior methods (swaglora.posterior):")
     for name in method_names():
         doc = (get_method(name).__doc__ or "").strip().splitlines()
-        print(f"  {name:<12} {doc[0] if doc else ''}")
+        print(f"  {name:<15} {doc[0] if doc else ''}")
     print("\nresults-table rows (--methods):")
     for name, row in ROWS.items():
-        print(f"  {name:<12} {row.help}")
+        print(f"  {name:<15} {row.help}")
     return 0
 
 

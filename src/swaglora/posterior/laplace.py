@@ -72,7 +72,7 @@ def _close(y: Tensor, ref: Tensor) -> bool:
 
 
 class Laplace(Posterior):
-    """Laplace-LoRA: KFAC Laplace around the MAP, prior precision by marginal likelihood."""
+    """Laplace-LoRA: KFAC Laplace around the MAP, prior precision by marginal likelihood, linearised or sampled predictive."""
 
     name = "laplace"
 
