@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .params import trainable_parameters, use_params  # noqa: E402
-from .posterior import MAP, SWAG, Ensemble, Posterior, SWAGDiag, get_method, load_posterior, method_names  # noqa: E402
+from .posterior import MAP, SWAG, Ensemble, Laplace, MCDropout, Posterior, SWAGDiag, get_method, load_posterior, method_names  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -12,6 +12,8 @@ __all__ = [
     "SWAG",
     "SWAGDiag",
     "Ensemble",
+    "Laplace",
+    "MCDropout",
     "get_method",
     "load_posterior",
     "method_names",
