@@ -383,17 +383,19 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
                 add_posthoc_posterior(session, members[index], posterior_name)
             posterior = load_posterior(directory, model=session.model, expected_metadata=session.metadata)
             generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/{members[index]}/{posterior_name}".encode()))
-            thetas = [] if linearized else posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
+            common = {"cache": session.cache, "batch_size": cfg.eval.batch_size}
+            if linearized:  # one forward + C backward passes per question; logit samples cost nothing more
+                passes = 1
+                predict = lambda ex: predict_logits_linearized(session.scorer, ex, posterior, n, generator, scale=scale, **common)  # noqa: E731
+            else:
+                thetas = posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
+                passes = len(thetas)
+                predict = lambda ex: predict_logits(session.scorer, ex, thetas, stochastic=posterior.stochastic_forward,  # noqa: E731
+                                                    dropout_generator=generator, **common)
             logits = {}
             for set_name, _, examples in sets:
-                if linearized:
-                    logits[set_name] = predict_logits_linearized(session.scorer, examples, posterior, n, generator,
-                                                                 cache=session.cache, batch_size=cfg.eval.batch_size, scale=scale)
-                else:
-                    logits[set_name] = predict_logits(session.scorer, examples, thetas, cache=session.cache,
-                                                      batch_size=cfg.eval.batch_size, stochastic=posterior.stochastic_forward,
-                                                      dropout_generator=generator)
-                bar.update(len(examples) * max(len(thetas), 1))
+                logits[set_name] = predict(examples)
+                bar.update(len(examples) * passes)
             memo[key] = (logits, time.perf_counter() - start)
         return memo[key]
 

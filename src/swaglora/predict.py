@@ -46,10 +46,18 @@ def dropout_active(model: nn.Module, active: bool):
         model.train(was_training)
 
 
-def _order_by_length(scorer: Scorer, examples: list[MCQExample]) -> list[int]:
-    """Evaluation order: sorted by packed length, so batches need little padding."""
+def _length_sorted_batches(scorer: Scorer, examples: list[MCQExample], cache: HiddenCache | None, batch_size: int,
+                           progress=None):
+    """``(row indices, batch, lower-layer hidden states)`` in order of packed length, so batches need little padding."""
+    cache = cache if cache is not None else HiddenCache(scorer, enabled=False)
     encoded = scorer.encode(examples)
-    return sorted(range(len(examples)), key=lambda i: len(encoded[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: len(encoded[i].input_ids))
+    for start in range(0, len(examples), batch_size):
+        rows = order[start : start + batch_size]
+        batch = scorer.batch([examples[i] for i in rows])
+        yield torch.tensor(rows), batch, cache.hidden(batch)
+        if progress is not None:
+            progress.update(len(rows))
 
 
 @torch.no_grad()
@@ -64,18 +72,11 @@ def predict_logits(
     progress=None,
 ) -> torch.Tensor:
     """Choice logits ``[S, N, C]`` of the model under each parameter set in ``thetas`` (``-inf`` = absent choice)."""
-    cache = cache if cache is not None else HiddenCache(scorer, enabled=False)
-    n = len(examples)
     c = max(ex.n_choices for ex in examples)
-    out = torch.full((len(thetas), n, c), float("-inf"))
-    order = _order_by_length(scorer, examples)
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    out = torch.full((len(thetas), len(examples), c), float("-inf"))
     model = scorer.model
     with dropout_active(model, stochastic):
-        for rows in batches:
-            batch = scorer.batch([examples[i] for i in rows])
-            hidden = cache.hidden(batch)
-            idx = torch.tensor(rows)
+        for idx, batch, hidden in _length_sorted_batches(scorer, examples, cache, batch_size, progress):
             for s, theta in enumerate(thetas):
                 with use_params(model, theta):
                     if stochastic and dropout_generator is not None:
@@ -86,8 +87,6 @@ def predict_logits(
                     else:
                         logits = scorer.top(hidden, batch)
                 out[s, idx, : logits.shape[1]] = logits.float().cpu()
-            if progress is not None:
-                progress.update(len(rows))
     return out
 
 
@@ -112,25 +111,17 @@ def predict_logits_linearized(
     if layout is None:
         raise ValueError(f"{type(posterior).__name__} has no linearised predictive; use predict_logits")
     linear, other = layout
-    cache = cache if cache is not None else HiddenCache(scorer, enabled=False)
     n = len(examples)
     c = max(ex.n_choices for ex in examples)
     means = torch.full((n, c), float("-inf"), dtype=torch.float64)
     covs = torch.zeros(n, c, c, dtype=torch.float64)
-    order = _order_by_length(scorer, examples)
     model = scorer.model
     with dropout_active(model, False), use_params(model, posterior.linearization_point()):
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            batch = scorer.batch([examples[i] for i in rows])
-            hidden = cache.hidden(batch)
-            logits, jac = per_example_jacobians(model, lambda: scorer.top(hidden, batch), linear, other)
-            cov = posterior.logit_covariance(jac, scale=scale)
-            idx, k = torch.tensor(rows), logits.shape[1]
+        for idx, batch, hidden in _length_sorted_batches(scorer, examples, cache, batch_size, progress):
+            logits, jac = per_example_jacobians(model, lambda: scorer.top(hidden, batch), linear, other)  # noqa: B023
+            k = logits.shape[1]
             means[idx, :k] = logits.double().cpu()
-            covs[idx, :k, :k] = cov.double().cpu()
-            if progress is not None:
-                progress.update(len(rows))
+            covs[idx, :k, :k] = posterior.logit_covariance(jac, scale=scale).double().cpu()
     values, vectors = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
     root = vectors * values.clamp(min=0).sqrt()[:, None, :]  # root @ root^T = covariance
     noise = torch.randn(n_samples, n, c, generator=generator, dtype=torch.float64)
