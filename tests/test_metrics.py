@@ -318,3 +318,78 @@ def test_accepts_float32_and_float64_equally():
     s64, s32 = M.summarize(p, y), M.summarize(p.float(), y)
     for k in ("accuracy", "ece", "nll", "brier"):
         assert s32[k] == pytest.approx(s64[k], abs=1e-5)
+
+
+# ------------------------------------------------------------------ paired bootstrap
+def _random_predictive(n, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(n, c, generator=g, dtype=torch.float64), -1), torch.randint(c, (n,), generator=g)
+
+
+def test_resampled_metrics_equal_the_metrics_of_the_materialised_resample():
+    p, y = _random_predictive(50, 4, 0)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(50, (3, 50), generator=g)
+    counts = torch.stack([torch.bincount(i, minlength=50) for i in idx]).double()
+    got = M.resampled_metrics(p, y, counts)
+    for b in range(3):
+        q, t = p[idx[b]], y[idx[b]]
+        tm = MulticlassCalibrationError(num_classes=4, n_bins=15, norm="l1")(q.float(), t).item()
+        assert got["ece"][b].item() == pytest.approx(tm, abs=1e-5)  # independent oracle
+        assert got["ece"][b].item() == pytest.approx(M.ece(q, t), abs=1e-12)
+        assert got["accuracy"][b].item() == pytest.approx(M.accuracy(q, t), abs=1e-12)
+        assert got["nll"][b].item() == pytest.approx(M.nll(q, t), abs=1e-12)
+        assert got["brier"][b].item() == pytest.approx(M.brier(q, t), abs=1e-12)
+
+
+def test_bootstrap_counts_are_resamples_and_seeded():
+    counts = M.bootstrap_counts(7, 500, seed=3)
+    assert counts.shape == (500, 7) and (counts.sum(1) == 7).all() and (counts >= 0).all()
+    assert torch.equal(counts, M.bootstrap_counts(7, 500, seed=3))
+    assert not torch.equal(counts, M.bootstrap_counts(7, 500, seed=4))
+    # each question is drawn Binomial(7, 1/7) times: mean 1, variance 6/7
+    assert counts.mean().item() == pytest.approx(1.0, abs=1e-12)
+    assert counts.var().item() == pytest.approx(6 / 7, abs=0.08)
+
+
+def test_bootstrap_interval_of_accuracy_matches_the_hand_computed_distribution():
+    # 4 questions, 3 answered correctly: a resample's accuracy is K/4 with K ~ Binomial(4, 3/4), so
+    # P(K <= 0) = 1/256, P(K <= 1) = 13/256 = 5.1%, P(K <= 3) = 175/256 = 68.4%: the 2.5% quantile is
+    # 1/4 and the 97.5% quantile is 1; the bootstrap variance is (3/4)(1/4)/4 = 0.046875.
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    out = M.paired_bootstrap({"map": [p]}, y, n_boot=20000, seed=0)["map"]["accuracy"]
+    assert out["value"] == 0.75 and out["lo"] == 0.25 and out["hi"] == 1.0
+    acc = M.resampled_metrics(p, y, M.bootstrap_counts(4, 20000, seed=0))["accuracy"]
+    assert acc.mean().item() == pytest.approx(0.75, abs=0.01)
+    assert acc.var().item() == pytest.approx(0.046875, rel=0.05)
+
+
+def test_paired_differences_and_pooling_over_seeds():
+    p, y = _random_predictive(400, 4, 5)
+    tempered = torch.softmax(p.log() / 2, -1)  # the same ranking, flatter: a different NLL on every question
+    out = M.paired_bootstrap({"map": [p, p], "same": [p, p], "flat": [tempered, tempered]}, y, n_boot=400)
+    same = out["same"]
+    for m in M.BOOTSTRAP_METRICS:
+        assert same[f"{m}_diff"] == {"value": 0.0, "lo": 0.0, "hi": 0.0, "significant": False}
+        assert out["same"][m] == out["map"][m]
+    assert "accuracy_diff" not in out["map"]
+    # same argmax on every question: the accuracy difference is exactly 0 on every resample
+    assert out["flat"]["accuracy_diff"]["lo"] == out["flat"]["accuracy_diff"]["hi"] == 0.0
+    diff = out["flat"]["nll_diff"]
+    assert diff["value"] == pytest.approx(M.nll(tempered, y) - M.nll(p, y), abs=1e-12)
+    assert diff["lo"] <= diff["value"] <= diff["hi"] and diff["significant"]
+    # pairing: the paired interval of the difference is narrower than the two marginal intervals combined
+    width = lambda d: d["hi"] - d["lo"]  # noqa: E731
+    assert width(diff) < width(out["flat"]["nll"]) + width(out["map"]["nll"])
+    # pooling: the value is the mean over seeds
+    pooled = M.paired_bootstrap({"map": [p, tempered]}, y, reference=None, n_boot=50)["map"]["nll"]["value"]
+    assert pooled == pytest.approx((M.nll(p, y) + M.nll(tempered, y)) / 2, abs=1e-12)
+
+
+def test_paired_bootstrap_validation():
+    p, y = _random_predictive(10, 3, 0)
+    with pytest.raises(ValueError, match="reference method 'map'"):
+        M.paired_bootstrap({"swag": [p]}, y)
+    with pytest.raises(ValueError, match="level"):
+        M.paired_bootstrap({"map": [p]}, y, level=1.5)

@@ -34,6 +34,14 @@ Definitions (``p`` = predictive ``[N, C]``, ``y`` = labels, natural logs)
 * Selective prediction: examples sorted by confidence, descending (stable sort, so
   ties keep input order). ``risk_coverage`` gives, for k = 1..N, coverage ``k/N`` and
   risk = error rate among the k most confident; ``aurc`` = mean risk over k.
+* Intervals: :func:`paired_bootstrap` resamples *questions* with replacement (the same
+  resamples for every method and seed, so differences between methods are paired) and
+  reports percentile intervals of each metric and of each method's difference to a
+  reference method. A resample is a vector of counts ``w`` (how often each question was
+  drawn, ``sum w = N``); accuracy, NLL and Brier are then ``sum_i w_i t_i / N`` of their
+  per-question terms, and ECE is ``sum_b |sum_{i in b} w_i (hit_i - conf_i)| / N``
+  (a question's bin does not depend on the resample), so every resample is exact and the
+  whole bootstrap is one matrix product.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ __all__ = [
     "predictive", "accuracy", "nll", "brier", "ece", "reliability_bins", "summarize",
     "entropy", "uncertainty", "auroc", "aupr", "fpr_at_tpr", "risk_coverage", "aurc",
     "accuracy_at_coverage", "abstention_threshold", "selective_risk",
+    "BOOTSTRAP_METRICS", "bootstrap_counts", "resampled_metrics", "paired_bootstrap",
 ]
 
 NLL_EPS = 1e-12
@@ -315,3 +324,93 @@ def abstention_threshold(confidence: Any, correct: Any, target_risk: float) -> f
     n = torch.arange(1, len(c) + 1, dtype=torch.float64)
     ok = torch.nonzero(last & (errs / n <= target_risk)).flatten()
     return c[ok[-1]].item() if len(ok) else math.inf
+
+
+# ------------------------------------------------------------------------- intervals
+#: Metrics :func:`paired_bootstrap` resamples (lower is better for all but accuracy).
+BOOTSTRAP_METRICS = ("accuracy", "ece", "nll", "brier")
+
+
+def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> Tensor:
+    """``[n_boot, n]`` float64 counts of ``n_boot`` resamples of ``n`` questions with replacement.
+
+    Drawn from a generator seeded by ``seed`` only, so every method and seed of a comparison
+    can be scored on the same resamples.
+    """
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"need n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (n_boot, n), generator=generator)
+    return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n_boot, n, dtype=torch.float64))
+
+
+def resampled_metrics(probs: Any, labels: Any, counts: Any, n_bins: int = 15) -> dict[str, Tensor]:
+    """Each metric of :data:`BOOTSTRAP_METRICS` on every resample given by ``counts`` ``[B, N]``.
+
+    Row ``b`` equals the metric of the materialised resample (question ``i`` repeated
+    ``counts[b, i]`` times), computed without materialising it. Returns ``[B]`` tensors.
+    """
+    p, y = _probs_labels(probs, labels)
+    w = _float64(counts, "counts")
+    if w.dim() != 2 or w.shape[1] != p.shape[0]:
+        raise ValueError(f"counts must be [B, {p.shape[0]}], got shape {tuple(w.shape)}")
+    conf, pred = p.max(-1)
+    hit = (pred == y).double()
+    total = w.sum(1)
+    onehot = torch.nn.functional.one_hot(y, p.shape[1]).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    bins = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, n_bins - 1)
+    gap = torch.zeros(p.shape[0], n_bins, dtype=torch.float64)
+    gap[torch.arange(p.shape[0]), bins] = hit - conf
+    return {
+        "accuracy": w @ hit / total,
+        "ece": (w @ gap).abs().sum(1) / total,
+        "nll": w @ -p.gather(1, y[:, None]).squeeze(1).clamp_min(NLL_EPS).log() / total,
+        "brier": w @ (p - onehot).pow(2).sum(-1) / total,
+    }
+
+
+def paired_bootstrap(predictives: dict[str, list[Any]], labels: Any, reference: str | None = "map",
+                     n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Percentile intervals over resampled questions, paired across methods and pooled over seeds.
+
+    Args:
+        predictives: method -> one ``[N, C]`` predictive per seed, all on the same ``N``
+            questions (same order) with the same ``labels``.
+        reference: the method differences are taken to (``None``: no differences).
+        n_boot, level, seed: number of resamples, interval level, resampling seed.
+
+    Returns:
+        ``{method: {metric: {"value", "lo", "hi"}, f"{metric}_diff": {"value", "lo", "hi",
+        "significant"}}}``. ``value`` is the mean over seeds on the original questions; a
+        resample's statistic is the mean over seeds on that resample; a difference is
+        ``method - reference`` on the same resample and is ``significant`` when its interval
+        excludes 0.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if reference is not None and reference not in predictives:
+        raise ValueError(f"reference method {reference!r} is not among {sorted(predictives)}")
+    y = torch.as_tensor(labels)
+    counts = bootstrap_counts(len(y), n_boot, seed)
+    ones = torch.ones(1, len(y), dtype=torch.float64)
+    point, boot = {}, {}
+    for method, per_seed in predictives.items():
+        if not per_seed:
+            raise ValueError(f"method {method!r} has no predictions")
+        point[method] = {m: torch.stack([resampled_metrics(p, y, ones)[m] for p in per_seed]).mean().item()
+                         for m in BOOTSTRAP_METRICS}
+        runs = [resampled_metrics(p, y, counts) for p in per_seed]
+        boot[method] = {m: torch.stack([r[m] for r in runs]).mean(0) for m in BOOTSTRAP_METRICS}
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for method in predictives:
+        out[method] = {}
+        for m in BOOTSTRAP_METRICS:
+            lo, hi = torch.quantile(boot[method][m], q).tolist()
+            out[method][m] = {"value": point[method][m], "lo": lo, "hi": hi}
+            if reference is not None and method != reference:
+                lo, hi = torch.quantile(boot[method][m] - boot[reference][m], q).tolist()
+                out[method][f"{m}_diff"] = {"value": point[method][m] - point[reference][m], "lo": lo, "hi": hi,
+                                            "significant": bool(lo > 0 or hi < 0)}
+    return out
