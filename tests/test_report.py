@@ -30,7 +30,7 @@ def make_run(root: Path, seed: int, methods: dict[str, int] = METHODS, sets=SETS
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"train": {"seed": seed}, "eval": {"shift": "arc_challenge,mmlu:stem"}}))
     for si, (name, role) in enumerate(sets):
-        g = np.random.default_rng(1000 * seed + si)
+        g = np.random.default_rng(si)  # the same questions and answers in every seed's run
         n_choices = np.where(np.arange(N) % 5 == 0, 3, 4)  # some questions have 3 choices
         labels = np.asarray([g.integers(0, c) for c in n_choices])
         for mi, (method, s) in enumerate(methods.items()):
@@ -154,6 +154,7 @@ def test_markdown_numbers_equal_json(built):
     sets = res["eval_sets"]
     checked = 0
     seen_kinds = set()
+    interval_sets = list(res["intervals"])
     for header, rows in tables:
         if header[:2] == ["Set", "Role"]:
             for s, role, n, _ in rows:
@@ -174,6 +175,27 @@ def test_markdown_numbers_equal_json(built):
                 assert row[4] == q["answer"] and len(row[1]) <= 120
             continue
         assert header[0] == "Method", header
+        if header[1] == "ACC":  # an interval table: one per test/shift set, in results.json order
+            block = interval_sets.pop(0)
+            s, by_method = block["eval_set"], {d["method"]: d for d in block["methods"]}
+            assert [row[0] for row in rows] == list(by_method)
+            for row in rows:
+                for h, cell in zip(header[1:], row[1:]):
+                    diff = h.startswith("Δ ")
+                    key = LABEL_TO_KEY[h.removeprefix("Δ ")] + ("_diff" if diff else "")
+                    if key not in by_method[row[0]]:
+                        assert cell == "—" and row[0] == "map"
+                        continue
+                    d = by_method[row[0]][key]
+                    value = f"{d['value']:+.4f}" if diff else f"{d['value']:.4f}"
+                    star = " *" if d.get("significant") else ""
+                    assert cell == f"{value} [{d['lo']:.4f}, {d['hi']:.4f}]{star}"
+                    assert d["lo"] <= d["value"] <= d["hi"] or diff
+                    if not diff:  # the bootstrap's point value is the seed mean of the stored metric
+                        assert d["value"] == pytest.approx(res["metrics"][row[0]][s][key]["mean"], abs=1e-9)
+                    checked += 1
+            seen_kinds.add("intervals")
+            continue
         ood = header[1] == "Score"
         score_labels = {lab: k for k, (_, lab) in R.OOD_SCORES.items()}
         first = 2 if ood else 1
@@ -196,7 +218,7 @@ def test_markdown_numbers_equal_json(built):
                 else:
                     assert cell == R.format_number(st["mean"])
                 checked += 1
-    assert seen_kinds == {"sets", "uncertain", "ood", "abstain"}
+    assert seen_kinds == {"sets", "uncertain", "ood", "abstain", "intervals"} and not interval_sets
     # main (3x2x4) + val (3x4) + OOD (map, map+ts: 1 row; swag: 3 rows; 2 sets x 3) + sel (3x4x4) + abst
     assert checked >= 24 + 12 + 5 * 6 + 48 + 3 * 9
     assert f"Target risk {R.format_number(RISK)}" in md
@@ -375,3 +397,18 @@ def test_unreachable_target_risk_gives_na_threshold(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]["map"]["arc_easy:val"][
         "abstain_threshold"]["mean"] is None
     assert R.format_number(float("inf")) == "n/a" and R.format_number(0.123456) == "0.1235"
+
+
+def test_intervals_refuse_runs_scored_on_different_answers(tmp_path):
+    runs = [make_run(tmp_path, s) for s in SEEDS]
+    path = runs[1] / "eval" / "arc_challenge" / "swag" / "predictions.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[3]["answer"] = "B" if rows[3]["answer"] != "B" else "A"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = R.collect_results(runs)
+    assert [b["eval_set"] for b in results["intervals"]] == ["arc_easy", "mmlu:stem"]
+    assert any("arc_challenge: methods or seeds were scored on different questions or answers" in n
+               for n in results["notes"])
+    block = results["intervals"][0]
+    assert block["n"] == N and block["reference"] == "map" and [d["method"] for d in block["methods"]] == list(
+        R.collect_results(runs)["methods"])

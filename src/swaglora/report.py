@@ -371,6 +371,7 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
         "notes": notes,
         "abstain_risk": None,
         "uncertain_questions": _uncertain(runs, methods, n_samples, ref, notes),
+        "intervals": _intervals(runs, methods, [x for x in eval_sets if roles[x] != "validation"], notes),
         "format": {
             "decimals": DECIMALS,
             "rule": f"report.md prints every metric as f'{{x:.{DECIMALS}f}}' of the value in this "
@@ -418,6 +419,82 @@ def _uncertain(runs: list[_Run], methods: list[str], n_samples: dict[str, int],
         row["confidence"] = float(p.confidence[i])
         questions.append(row)
     return {"method": method, "seed": run.seed, "eval_set": ref, "questions": questions}
+
+
+#: Bootstrap resamples of the questions behind every interval (paired across methods, pooled over seeds).
+N_BOOT, INTERVAL_LEVEL, REFERENCE = 1000, 0.95, "map"
+
+
+def _aligned(runs: list[_Run], s: str, m: str, answers: dict[str, str], width: int) -> list[np.ndarray] | None:
+    """The predictive of ``m`` on ``s`` in every run, rows in the order of ``answers`` (question id -> answer);
+    None if a run scored other questions or other answers."""
+    ids, out = list(answers), []
+    for r in runs:
+        p = r.entries[(s, m)].preds
+        order = {row["id"]: i for i, row in enumerate(p.rows)}
+        if len(order) != len(ids) or any(answers.get(row["id"]) != row["answer"] for row in p.rows):
+            return None
+        probs = np.zeros((len(ids), max(width, p.probs.shape[1])))
+        probs[:, : p.probs.shape[1]] = p.probs[[order[i] for i in ids]]
+        out.append(probs)
+    return out
+
+
+def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: list[str]) -> list[dict[str, Any]]:
+    """Per set: :func:`metrics.paired_bootstrap` of every method that has predictions on it in every run,
+    with the questions aligned by id; differences are to ``map`` where it is present."""
+    out: list[dict[str, Any]] = []
+    for s in sets:
+        have = [m for m in methods if all((s, m) in r.entries and r.entries[(s, m)].preds for r in runs)]
+        if not have:
+            continue
+        first = runs[0].entries[(s, have[0])].preds
+        answers = {row["id"]: row["answer"] for row in first.rows}
+        labels = np.asarray([row["labels"].index(row["answer"]) for row in first.rows])
+        predictives = {m: _aligned(runs, s, m, answers, first.probs.shape[1]) for m in have}
+        if any(v is None for v in predictives.values()):
+            notes.append(f"{s}: methods or seeds were scored on different questions or answers; no intervals for {s}.")
+            continue
+        width = max(p.shape[1] for v in predictives.values() for p in v)
+        predictives = {m: [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in v] for m, v in predictives.items()}
+        ref = REFERENCE if REFERENCE in predictives else None
+        result = M.paired_bootstrap(predictives, labels, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
+        out.append({"eval_set": s, "n": len(answers), "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref,
+                    "methods": [{"method": m, **result[m]} for m in have]})
+    return out
+
+
+def _interval_cell(d: dict[str, Any], signed: bool = False) -> str:
+    value = f"{d['value']:+.{DECIMALS}f}" if signed else format_number(d["value"])
+    star = " *" if d.get("significant") else ""
+    return f"{value} [{d['lo']:.{DECIMALS}f}, {d['hi']:.{DECIMALS}f}]{star}"
+
+
+def _interval_tables(results: dict[str, Any]) -> list[str]:
+    intervals = results.get("intervals") or []
+    if not intervals:
+        return []
+    first = intervals[0]
+    L = ["## Intervals and differences to MAP", "",
+         f"{round(first['level'] * 100)}% percentile intervals from {first['n_boot']} bootstrap resamples of the "
+         "questions of each set; the same resamples for every method (paired) and every seed (a resample's "
+         "value is the mean over seeds). `Δ` = method − MAP on the same resamples; `*` marks a difference "
+         "whose interval excludes 0. The interval covers the choice of questions, not the training seed "
+         "(see the ± std of the main table for that).", ""]
+    for block in intervals:
+        L += [f"### `{block['eval_set']}` ({block['n']} questions)", ""]
+        header = ["Method"] + [METRIC_LABELS[k] for k in M.BOOTSTRAP_METRICS]
+        if block["reference"]:
+            header += [f"Δ {METRIC_LABELS[k]}" for k in M.BOOTSTRAP_METRICS]
+        rows = []
+        for d in block["methods"]:
+            row = [_md_escape(d["method"])] + [_interval_cell(d[k]) for k in M.BOOTSTRAP_METRICS]
+            if block["reference"]:
+                row += [_interval_cell(d[f"{k}_diff"], signed=True) if f"{k}_diff" in d else "—"
+                        for k in M.BOOTSTRAP_METRICS]
+            rows.append(row)
+        L += _md_table(header, rows)
+    return L
 
 
 def _raw_runs(results: dict[str, Any]) -> list[_Run]:
@@ -579,6 +656,7 @@ def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
         L += ["### Validation split", ""] + _metric_table(results, val_sets, BASE_METRICS)
     L += ["### Posterior samples per method", ""]
     L += _md_table(["Method", "Samples"], [[_md_escape(m), str(results["n_samples"][m])] for m in results["methods"]])
+    L += _interval_tables(results)
 
     L += ["## OOD detection", ""]
     if ref is not None and shifts:
