@@ -5,8 +5,25 @@ __version__ = "0.1.0"
 from .params import trainable_parameters, use_params  # noqa: E402
 from .posterior import MAP, SWAG, Ensemble, Laplace, MCDropout, Posterior, SWAGDiag, get_method, load_posterior, method_names  # noqa: E402
 
+
+
+def __getattr__(name: str):
+    """Import on first use what pulls in transformers (seconds), so ``import swaglora`` stays fast."""
+    if name == "SWAGCallback":
+        from .callbacks import SWAGCallback
+
+        return SWAGCallback
+    if name == "bma":
+        from .predict import bma
+
+        return bma
+    raise AttributeError(f"module 'swaglora' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "SWAGCallback",
+    "bma",
     "Posterior",
     "MAP",
     "SWAG",

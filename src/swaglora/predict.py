@@ -28,7 +28,7 @@ from .params import use_params
 from .posterior import Posterior
 from .scoring import HiddenCache, Scorer
 
-__all__ = ["predict_probs", "predict_logits", "predict_logits_linearized", "dropout_active"]
+__all__ = ["predict_probs", "predict_logits", "predict_logits_linearized", "dropout_active", "bma"]
 
 
 @contextmanager
@@ -44,6 +44,25 @@ def dropout_active(model: nn.Module, active: bool):
         yield
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def bma(model: nn.Module, posterior: Posterior, logits_fn, n_samples: int, generator: torch.Generator | None = None,
+        scale: float | None = None) -> torch.Tensor:
+    """Bayesian model averaging for any model and any scoring: ``softmax(logits_fn(model))`` under each of
+    ``n_samples`` posterior draws, stacked ``[S, ...]`` (``.mean(0)`` is the predictive).
+
+    ``logits_fn(model)`` returns logits over the last dimension (e.g. one per answer choice). The draws are
+    loaded into the model with :func:`use_params` and the model's own weights come back afterwards; the
+    model runs in eval mode (with dropout on for MC dropout).
+    """
+    thetas = posterior.draws(n_samples, generator=generator, scale=scale)
+    out = []
+    with dropout_active(model, posterior.stochastic_forward):
+        for theta in thetas:
+            with use_params(model, theta):
+                out.append(torch.softmax(logits_fn(model).float(), -1))
+    return torch.stack(out)
 
 
 def _length_sorted_batches(scorer: Scorer, examples: list[MCQExample], cache: HiddenCache | None, batch_size: int,
