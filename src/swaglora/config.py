@@ -133,7 +133,7 @@ class SWAGConfig:
     anneal_epochs: int = _f(0, "epochs of linear anneal from the last MAP lr to the SWAG lr (0 = constant)")
     every: str = _f("25", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
-    scale: str = _f("0.5", "covariance scale, or 'auto' (chosen by validation NLL over a grid)")
+    scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
     samples: int = _f(4, "posterior samples S per prediction (BMA)")
     members: int = _f(2, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
 
@@ -146,15 +146,23 @@ class SWAGConfig:
             raise ConfigError(f"swag.every must be 'epoch' or a positive integer, got {self.every!r}")
         if self.max_rank < 0:
             raise ConfigError(f"swag.max_rank must be >= 0, got {self.max_rank}")
-        if self.scale != "auto":
-            try:
-                s = float(self.scale)
-            except ValueError:
-                raise ConfigError(f"swag.scale must be a number >= 0 or 'auto', got {self.scale!r}") from None
-            if s < 0:
-                raise ConfigError(f"swag.scale must be >= 0, got {s}")
+        self.scale_setting  # noqa: B018 - validates
         if self.samples < 1 or self.members < 1:
             raise ConfigError("swag.samples and swag.members must be >= 1")
+
+
+    @property
+    def scale_setting(self) -> float | str | None:
+        """``swag.scale`` parsed: None (each posterior's own default), ``"auto"`` or a number >= 0."""
+        if self.scale in ("default", "auto"):
+            return None if self.scale == "default" else "auto"
+        try:
+            value = float(self.scale)
+        except ValueError:
+            raise ConfigError(f"swag.scale must be 'default', 'auto' or a number >= 0, got {self.scale!r}") from None
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"swag.scale must be a finite number >= 0, got {value}")
+        return value
 
 
 @dataclass
@@ -181,6 +189,7 @@ class EvalConfig:
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
+    allow_tuning_split: bool = _f(False, "allow --split to name a split the run trains or validates on (its numbers are then optimistic)", flag="--allow-tuning-split")
 
     def __post_init__(self) -> None:
         if self.limit < 0:

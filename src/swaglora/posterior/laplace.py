@@ -76,6 +76,7 @@ class Laplace(Posterior):
     """Laplace-LoRA: KFAC Laplace around the MAP, prior precision by marginal likelihood, linearised or sampled predictive."""
 
     name = "laplace"
+    default_scale = 1.0
 
     def __init__(
         self,
@@ -84,7 +85,7 @@ class Laplace(Posterior):
         subset: str = "all",
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
-        default_scale: float = 1.0,
+        default_scale: float | None = None,
         layout: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model)
@@ -96,7 +97,8 @@ class Laplace(Posterior):
         if prior_precision is not None and not (0 < prior_precision < math.inf):
             raise ValueError(f"prior_precision must be positive and finite (or None: marginal likelihood), got {prior_precision}")
         self.fixed_prior = None if prior_precision is None else float(prior_precision)
-        self.subset, self.dtype, self.device, self.default_scale = subset, dtype, torch.device(device), float(default_scale)
+        self.subset, self.dtype, self.device = subset, dtype, torch.device(device)
+        self.default_scale = float(type(self).default_scale if default_scale is None else default_scale)
         self.layout = self._check_layout(layout) if layout is not None else None
         self._mean: dict[str, Tensor] | None = None
         self._kron: dict[str, dict[str, Tensor]] = {}  # weight name -> eigendecompositions of A and G
