@@ -171,7 +171,7 @@ class SWAGConfig:
 @dataclass
 class LaplaceConfig:
     subset: str = _f("all", "parameters under the Laplace approximation: all (every LoRA layer) or last-layer")
-    prior_precision: float = _f(0.0, "prior precision; 0 = chosen by maximising the marginal likelihood")
+    prior_precision: float = _f(0.0, "precision of the prior N(theta_0, 1/lambda) (theta_0: 0 for LoRA, the initial rows for the letter head); 0 = chosen by maximising the marginal likelihood")
     glm_samples: int = _f(100, "samples of the linearised (GLM) predictive's Gaussian logits per example (cheap: no extra forward passes)")
 
     def __post_init__(self) -> None:
