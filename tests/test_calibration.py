@@ -80,3 +80,24 @@ def test_apply_temperature_and_input_checks():
         fit_temperature(torch.zeros(2, 2), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         fit_temperature(torch.zeros(0, 2), torch.zeros(0))
+
+
+def test_pipeline_fits_and_applies_the_temperature_to_the_same_choices_when_some_are_absent():
+    """Validation mixes 2-choice questions (padded to 4 with absent choices) with uninformative 4-choice
+    ones (uniform at every T). The 2-choice ones put 0.99 on choice A and A is right in 11 of 20, so the
+    NLL of the applied predictive is minimised where softmax(log p / T) gives A 0.55:
+    T = ln(99) / ln(0.55 / 0.45) ~= 22.9, at which absent choices written as log(1e-30) would take ~5% each."""
+    from swaglora.data import MCQExample
+    from swaglora.pipeline import _temperature_scaled
+
+    two = [MCQExample(f"t{i}", "q", ("x", "y"), ("A", "B"), "A" if i < 11 else "B") for i in range(20)]
+    four = [MCQExample(f"f{i}", "q", ("w", "x", "y", "z"), ("A", "B", "C", "D"), "ABCD"[i % 4]) for i in range(10)]
+    probs = torch.tensor([[0.99, 0.01, 0.0, 0.0]] * 20 + [[0.25] * 4] * 10)[None]  # [S=1, N, C]
+    scaled, info = _temperature_scaled({"validation": probs}, [("validation", "validation", two + four)])
+    expected = math.log(99) / math.log(0.55 / 0.45)
+    assert info["temperature"] == pytest.approx(expected, rel=1e-4)
+    q = scaled["validation"][0].double()
+    assert torch.all(q[:20, 2:] == 0) and torch.allclose(q[:20, 0], torch.full((20,), 0.55, dtype=torch.float64), atol=1e-5)
+    hand_nll = -(11 * math.log(0.55) + 9 * math.log(0.45) + 10 * math.log(0.25)) / 30
+    labels = torch.tensor([ex.answer_index for ex in two + four])
+    assert float(-q.gather(1, labels[:, None]).log().mean()) == pytest.approx(hand_nll, rel=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from swaglora.cli import build_parser, main, resolve_config
 from swaglora.config import PRESETS, ConfigError, RunConfig, apply_overrides, load_config_file
@@ -29,7 +30,8 @@ def test_overrides_are_typed():
         ("train.epochs", -1, "train.epochs must be >= 0"),
         ("swag.lr", 0.0, "swag.lr must be > 0"),
         ("swag.max_rank", -2, "swag.max_rank must be >= 0"),
-        ("swag.scale", "big", "swag.scale must be a number >= 0 or 'auto'"),
+        ("swag.scale", "big", "swag.scale must be 'default', 'auto' or a number >= 0"),
+        ("swag.scale", "-0.5", "swag.scale must be a finite number >= 0"),
         ("swag.every", "sometimes", "swag.every must be 'epoch' or a positive integer"),
         ("lora.layers", "bottom:3", "lora.layers must be 'all' or 'top:K'"),
         ("lora.dropout", 1.5, "lora.dropout must be in [0, 1)"),
@@ -85,3 +87,62 @@ def test_cli_reports_bad_config_cleanly(capsys):
 def test_unknown_method_row_lists_available(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "r"), "--methods", "swg", "--quiet"]) == 2
     assert "Unknown method 'swg'. Available: zero-shot, map" in capsys.readouterr().err
+
+
+def _authors_lrs(base: float, swag_lr: float, map_epochs: int, swag_epochs: int, anneal_epochs: int, batches: int,
+                 warmup_steps: float) -> list[float]:
+    """The learning rate of every optimiser step of fortuinlab/swag-lora's train.py: transformers' linear schedule
+    over all epochs, stepped before swag_start, then torch's SWALR (linear anneal to the SWAG lr)."""
+    from torch.optim.swa_utils import SWALR
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = get_linear_schedule_with_warmup(opt, warmup_steps, batches * (map_epochs + swag_epochs))
+    swalr = SWALR(opt, anneal_strategy="linear", anneal_epochs=anneal_epochs * batches, swa_lr=swag_lr)
+    lrs = []
+    for epoch in range(map_epochs + swag_epochs):
+        for _ in range(batches):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            (sched if epoch < map_epochs else swalr).step()
+    return lrs
+
+
+def test_paper_preset_resolves_to_the_authors_settings():
+    cfg = apply_overrides(RunConfig(), PRESETS["paper"])
+    assert (cfg.model.scoring, cfg.model.train_head, cfg.lora.targets, cfg.lora.layers) == ("letter", True, "q_proj,v_proj", "all")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16.0, 0.1)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.weight_decay, cfg.train.warmup, cfg.train.schedule) == (6e-4, 16, 0.0, 0.06, "linear")
+    assert (cfg.train.epochs, cfg.swag.epochs, cfg.swag.anneal_epochs, cfg.swag.every) == (8, 10, 5, "epoch")
+    assert cfg.swag.lr == pytest.approx(cfg.train.lr / 10)  # scripts/train.bash SWAG_DIV_FACTOR=10
+    assert (cfg.swag.max_rank, cfg.swag.samples, cfg.swag.scale_setting, cfg.swag.members) == (5, 15, 1.0, 5)
+    assert (cfg.data.train_limit, cfg.data.val_limit, cfg.eval.limit, cfg.data.val_fraction) == (0, 0, 0, 0.2)
+
+
+def test_linear_schedule_is_the_authors_per_step_learning_rate():
+    """No warm-up: every step equals transformers' linear schedule + SWALR exactly (an independent oracle)."""
+    from swaglora.train import lr_at
+
+    cfg = apply_overrides(RunConfig(), {**PRESETS["paper"], "train.warmup": 0.0})
+    batches = 7
+    ours = [lr_at(s, batches, cfg) for s in range(18 * batches)]
+    theirs = _authors_lrs(6e-4, 6e-5, 8, 10, 5, batches, 0)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    assert ours[8 * batches - 1] == pytest.approx(6e-4 * 71 / 126)  # decays towards 0 at step 126, cut off at 56
+    assert ours[8 * batches] == pytest.approx(6e-4 * 70 / 126)  # SWAG starts from where the decay stopped
+    assert ours[13 * batches:] == [6e-5] * (5 * batches)
+
+
+def test_linear_schedule_with_warm_up_by_hand():
+    from swaglora.train import lr_at
+
+    cfg = apply_overrides(RunConfig(), {"train.schedule": "linear", "train.epochs": 2, "swag.epochs": 2, "swag.lr": 1e-4,
+                                        "swag.anneal_epochs": 1, "train.lr": 1e-3, "train.warmup": 0.1})
+    lrs = [lr_at(s, 10, cfg) for s in range(40)]  # 40 steps: warm-up ceil(4) steps, decay over 36 to step 40
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4:20] == pytest.approx([1e-3 * (40 - s) / 36 for s in range(4, 20)])
+    end = 1e-3 * 20 / 36
+    assert lrs[20:30] == pytest.approx([end + i / 10 * (1e-4 - end) for i in range(10)])
+    assert lrs[30:] == pytest.approx([1e-4] * 10)
+    auto = apply_overrides(cfg, {"train.schedule": "auto"})  # the default: constant until SWAG, warm-up over MAP only
+    assert [lr_at(s, 10, auto) for s in range(20)] == pytest.approx([5e-4, 1e-3] + [1e-3] * 18)

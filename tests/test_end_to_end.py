@@ -10,6 +10,7 @@ import torch
 
 from swaglora import metrics
 from swaglora.cli import main
+from swaglora.config import RunConfig, apply_overrides
 from swaglora.posterior import load_posterior
 
 from conftest import make_examples, write_jsonl
@@ -147,7 +148,7 @@ def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_mod
     dropout = json.loads((run / "eval" / "test" / "dropout" / "metrics.json").read_text())
     assert dropout["n_samples"] == 3
     laplace = json.loads((run / "eval" / "test" / "laplace" / "metrics.json").read_text())
-    assert laplace["n_samples"] == 50 and laplace["scale"] is None  # the linearised predictive's logit samples
+    assert laplace["n_samples"] == 50 and laplace["scale"] == 1.0  # the linearised predictive's logit samples
     sampled = json.loads((run / "eval" / "test" / "laplace-sample" / "metrics.json").read_text())
     assert sampled["n_samples"] == 3 and sampled["nll"] != laplace["nll"]
     for name in ("report.md", "results.csv", "results.json"):
@@ -201,3 +202,58 @@ def test_blob_shift_protocol_expands_to_its_four_sets(tiny_model_dir):
     names = [(name, role) for name, role, _ in eval_sets(open_session(cfg))]
     assert names == [("validation", "validation"), ("obqa", "test"), ("arc_challenge", "shift"), ("arc_easy", "shift"),
                      ("mmlu:college_chemistry", "shift"), ("mmlu:college_physics", "shift")]
+
+
+def test_each_swag_row_samples_with_its_posteriors_default_scale_unless_the_user_sets_one(tmp_path, tiny_model_dir, data_files):
+    run = tmp_path / "run"
+    args = [*_common(tiny_model_dir, data_files), "--dtype", "float32", "--members", "1"]
+    assert main(["train", "--out", str(run), *args, "--methods", "swag-diag,swag"]) == 0
+    assert json.loads((run / "config.json").read_text())["swag"]["scale"] == "default"
+    assert main(["evaluate", "--run", str(run), "--methods", "swa,swag-diag,swag", "--quiet"]) == 0
+    scale = lambda row: json.loads((run / "eval" / "test" / row / "metrics.json").read_text())["scale"]  # noqa: E731
+    assert (scale("swag-diag"), scale("swag"), scale("swa")) == (1.0, 0.5, 0.0)  # Maddox et al.; Onal et al.; the mean
+    default_nll = json.loads((run / "eval" / "test" / "swag-diag" / "metrics.json").read_text())["nll"]
+    assert main(["evaluate", "--run", str(run), "--methods", "swag-diag,swag", "--swag-scale", "0.3", "--quiet"]) == 0
+    assert (scale("swag-diag"), scale("swag")) == (0.3, 0.3)
+    assert json.loads((run / "eval" / "test" / "swag-diag" / "metrics.json").read_text())["nll"] != default_nll
+
+
+def test_predictions_do_not_depend_on_how_the_run_directory_is_spelled(tmp_path, tiny_model_dir, data_files, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    args = [*_common(tiny_model_dir, data_files), "--dtype", "float32", "--members", "1"]
+    assert main(["train", "--out", "runs/a", *args, "--methods", "swag-diag,swag,dropout,laplace-sample"]) == 0
+    shutil.copytree("runs/a", "moved/b")
+    spellings = ["runs/a", "./runs/a/", str(tmp_path / "runs" / "a"), "moved/b"]
+    for i, spelling in enumerate(spellings):
+        assert main(["evaluate", "--run", spelling, "--out", f"e{i}", "--methods", "swag-diag,swag,dropout,laplace-sample", "--quiet"]) == 0
+    for row in ("swag-diag", "swag", "dropout", "laplace-sample"):
+        for set_name in ("validation", "test", "shift"):
+            files = [(tmp_path / f"e{i}" / "eval" / set_name / row / "predictions.jsonl").read_bytes() for i in range(len(spellings))]
+            assert all(f == files[0] for f in files), (row, set_name)
+
+
+@pytest.mark.parametrize("split", ["validation", "train"])
+def test_evaluating_on_a_split_the_run_tunes_on_is_refused_before_training(tmp_path, tiny_model_dir, split, capsys):
+    run = tmp_path / "run"
+    args = ["--model", str(tiny_model_dir), "--task", "arc_easy", "--split", split, "--quiet"]
+    assert main(["run", "--out", str(run), *args]) == 2
+    assert "--allow-tuning-split" in capsys.readouterr().err
+    assert not run.exists()  # refused before anything was written or loaded
+    assert main(["train", "--out", str(run), *args]) == 2 and not run.exists()
+
+
+def test_the_tuning_split_guard_names_only_splits_the_run_trains_or_validates_on(capsys):
+    from swaglora.config import ConfigError
+    from swaglora.pipeline import check_eval_split
+
+    cfg = lambda **kw: apply_overrides(RunConfig(), kw)  # noqa: E731
+    check_eval_split(cfg(**{"eval.split": "test"}))
+    check_eval_split(cfg(**{"data.task": "cqa", "eval.split": "validation"}))  # CQA's test role is its validation split
+    with pytest.raises(ConfigError, match="'validation' that the run trains or validates on"):
+        check_eval_split(cfg(**{"data.task": "obqa", "eval.split": "validation"}))
+    with pytest.raises(ConfigError, match="'dev'"):  # mmlu's train role
+        check_eval_split(cfg(**{"data.task": "mmlu", "eval.split": "train"}))
+    check_eval_split(cfg(**{"eval.split": "validation", "eval.allow_tuning_split": True}))
+    assert "WARNING" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_kfac_is_the_exact_ggn_for_one_example():
     model = mlp()
     x, y = data(1)
     post = fitted(model, x, y)
-    assert post.layout == {"kron": [["0.weight", "0.bias"], ["2.weight", "2.bias"]], "diag": []}
+    assert post.layout == {"kron": [["0.weight", "0.bias"], ["2.weight", "2.bias"]], "diag": [], "rows": {}, "prior_mean": []}
     assert post.n_data == 1
     for w, b in post.layout["kron"]:
         dense = dense_block(model, x, w, b)
@@ -169,7 +169,7 @@ def test_raw_weight_head_is_kfac_and_other_tensors_get_the_exact_diagonal():
     model = Mixed()
     x, y = data(7)
     post = fitted(model, x, y, size=3)
-    assert post.layout == {"kron": [["head.weight", None]], "diag": ["gain", "squash.weight"]}
+    assert post.layout == {"kron": [["head.weight", None]], "diag": ["gain", "squash.weight"], "rows": {}, "prior_mean": []}
     names = ["gain", "squash.weight"]
     exact = torch.diagonal(dense_ggn(model, x, names))
     got = torch.cat([post.state_dict()[f"diag.{n}"].reshape(-1) for n in names])
@@ -253,7 +253,7 @@ def test_sampling_uses_only_the_generator_and_last_layer_subset():
     model = mlp()
     x, y = data(6)
     post = fitted(model, x, y, subset="last-layer")
-    assert post.layout == {"kron": [["2.weight", "2.bias"]], "diag": []}
+    assert post.layout == {"kron": [["2.weight", "2.bias"]], "diag": [], "rows": {}, "prior_mean": []}
     state = torch.get_rng_state()
     a, b = post.sample(torch.Generator().manual_seed(1)), post.sample(torch.Generator().manual_seed(1))
     assert torch.equal(torch.get_rng_state(), state)
@@ -351,7 +351,8 @@ def test_peft_letter_head_is_the_last_layer_and_exact_for_one_example():
     post = Laplace(model, subset="last-layer", dtype="float64")
     batch = llama_batches(1, 1)
     post.fit(model, batch, llama_loss)
-    assert post.layout == {"kron": [["base_model.model.letter_head.weight", None]], "diag": []}
+    head = "base_model.model.letter_head.weight"
+    assert post.layout == {"kron": [[head, None]], "diag": [], "rows": {}, "prior_mean": [head]}
     with torch.no_grad():
         h = model(input_ids=batch[0][0], output_hidden_states=True).hidden_states[-1][0, -1].double()
         p = torch.softmax(llama_loss(model, batch[0])[0][0].double(), 0)
@@ -471,3 +472,69 @@ def test_linearised_predictive_samples_n_f_jsjt_on_the_scorer(tiny_model_dir):
     mean_z, cov_z = max_z_scores(sample, centre, cov.numpy())
     assert mean_z < 5 and cov_z < 5, (mean_z, cov_z)
     assert max(max_z_scores(sample, centre, 2 * cov.numpy())) > 5
+
+
+# ---------------------------------------------------------------------- prior on what fine-tuning moves
+class HeadOnOne(nn.Module):
+    """The letter head read on a constant hidden state 1 (hidden size 1), logits of the first ``c`` letters."""
+
+    def __init__(self, lm_rows: torch.Tensor, c: int, moved: torch.Tensor):
+        super().__init__()
+        from swaglora.scoring import LetterHead
+
+        self.c = c
+        self.letter_head = LetterHead(lm_rows, list(range(lm_rows.shape[0])), trainable=True)
+        with torch.no_grad():
+            self.letter_head.weight[:c, 0] += moved  # fine-tuning moved the rows of the letters in use only
+
+    def forward(self, x):
+        return self.letter_head(x)[:, : self.c]
+
+
+def head_posterior(lm_rows: torch.Tensor, c: int, moved: torch.Tensor, n: int = 10) -> tuple[Laplace, HeadOnOne]:
+    model = HeadOnOne(lm_rows, c, moved)
+    x, y = torch.ones(n, 1, dtype=torch.float64), torch.arange(n) % c
+    return fitted(model, x, y, size=4), model
+
+
+def test_prior_precision_by_hand_on_the_heads_change_from_its_initial_rows():
+    """Two letters, hidden state 1: H = N (diag p - p pᵀ) has eigenvalues e = 2 N p(1 - p) and 0, and the prior
+    is centred on the initial rows, so the evidence's stationary point is λ s (e + λ) = e with s = ||Δ||²:
+    λ = (-e s + sqrt(e² s² + 4 e s)) / (2 s)."""
+    lm_rows = torch.tensor([[0.3], [-0.2]], dtype=torch.float64)
+    post, _ = head_posterior(lm_rows, 2, torch.tensor([0.5, -0.5], dtype=torch.float64))
+    p = torch.sigmoid(torch.tensor(0.8 - (-0.7))).item()
+    e, s = 2 * 10 * p * (1 - p), 0.5
+    assert post.prior_precision == pytest.approx((-e * s + math.sqrt(e * e * s * s + 4 * e * s)) / (2 * s), rel=1e-6)
+
+
+def test_prior_precision_ignores_head_rows_without_curvature():
+    """26 letter rows with large pretrained values, 3 in use: λ equals that of the 3-row head, and the unused
+    rows stay at their MAP value in every draw and add no logit variance."""
+    g = torch.Generator().manual_seed(3)
+    lm_rows = 3.0 * torch.randn(26, 1, generator=g, dtype=torch.float64)
+    moved = torch.tensor([0.4, -0.1, -0.3], dtype=torch.float64)
+    full, model = head_posterior(lm_rows, 3, moved)
+    trimmed, _ = head_posterior(lm_rows[:3], 3, moved)
+    name = "letter_head.weight"
+    assert full.layout["rows"] == {name: [0, 1, 2]} and full.layout["prior_mean"] == [name] and trimmed.layout["rows"] == {}
+    assert full.prior_precision == pytest.approx(trimmed.prior_precision, rel=1e-9)
+    assert full.log_evidence(2.0) == pytest.approx(trimmed.log_evidence(2.0), rel=1e-12)
+    mean = model.letter_head.weight.detach()
+    for theta in full.draws(4, torch.Generator().manual_seed(0)):
+        assert torch.equal(theta[name][3:], mean[3:]) and not torch.equal(theta[name][:3], mean[:3])
+    jac = {name: torch.randn(2, 26, 26, 1, generator=g, dtype=torch.float64)}  # [B, C, *shape]
+    cov = full.logit_covariance(jac)
+    jac[name][:, :, 3:] = 0
+    torch.testing.assert_close(cov, full.logit_covariance(jac), rtol=0, atol=0)
+
+
+def test_saved_posterior_keeps_the_rows_and_the_prior_mean(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    post, model = head_posterior(2.0 * torch.randn(26, 1, generator=g, dtype=torch.float64), 4, torch.full((4,), 0.2, dtype=torch.float64))
+    post.save(tmp_path / "lp")
+    loaded = load_posterior(tmp_path / "lp", model=model)
+    assert loaded.layout == post.layout and loaded.prior_precision == post.prior_precision
+    assert loaded.log_evidence(1.5) == pytest.approx(post.log_evidence(1.5), rel=1e-12)
+    a, b = post.sample(torch.Generator().manual_seed(1)), loaded.sample(torch.Generator().manual_seed(1))
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -213,10 +213,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = resolve_config(args)
         _print_choice(cfg)
         out = Path(args.out)
+        rows = pipeline.table_rows(cfg)
         pipeline.prepare_run_dir(cfg, out, args.overwrite)
         session = pipeline.open_session(cfg)
         members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
-        pipeline.train_members(session, out, members, pipeline.table_rows(cfg), progress=progress)
+        pipeline.train_members(session, out, members, rows, progress=progress)
         print(f"trained members {members} into {out}")
         return 0
     if args.command == "evaluate":
@@ -231,8 +232,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     if runs:
         cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
         out = Path(args.out) if args.out else runs[0]
-        session = pipeline.open_session(cfg)
         rows = pipeline.table_rows(cfg)
+        session = pipeline.open_session(cfg)
         pipeline.evaluate_run(session, runs, rows, out, progress=progress)
         _report([out], out)
         return 0

@@ -107,7 +107,8 @@ class TrainConfig:
     lr: float = _f(1e-3, "peak learning rate of AdamW", flag="--lr")
     batch_size: int = _f(8, "examples per optimiser step (before accumulation)", flag="--batch-size")
     grad_accum: int = _f(1, "gradient accumulation steps", flag="--grad-accum")
-    warmup: float = _f(0.06, "fraction of MAP steps with linear warm-up (then linear decay)", flag="--warmup")
+    warmup: float = _f(0.06, "fraction of the schedule's steps with linear warm-up (then linear decay)", flag="--warmup")
+    schedule: str = _f("auto", "MAP learning rate: auto (decay to 0 over the MAP steps, constant when SWAG follows) or linear (decay over MAP + SWAG steps, cut off where SWAG starts: the SWAG-LoRA code)", flag="--schedule")
     weight_decay: float = _f(0.0, "AdamW weight decay", flag="--weight-decay")
     seed: int = _f(0, "seed for LoRA init, data order and sampling", flag="--seed")
     threads: int = _f(0, "torch CPU threads (0 = number of cores)", flag="--threads")
@@ -124,16 +125,18 @@ class TrainConfig:
             raise ConfigError(f"train.warmup must be in [0, 1), got {self.warmup}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.schedule not in ("auto", "linear"):
+            raise ConfigError(f"train.schedule must be auto or linear, got {self.schedule!r}")
 
 
 @dataclass
 class SWAGConfig:
     epochs: int = _f(3, "epochs of SWAG collection after the MAP phase (0 = no SWAG)")
     lr: float = _f(1e-3, "SWAG-phase learning rate (constant, or annealed from the MAP lr over anneal_epochs)")
-    anneal_epochs: int = _f(0, "epochs of linear anneal from the last MAP lr to the SWAG lr (0 = constant)")
+    anneal_epochs: int = _f(0, "epochs of linear anneal from the lr the MAP phase ended with to the SWAG lr (0 = constant)")
     every: str = _f("25", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
-    scale: str = _f("0.5", "covariance scale, or 'auto' (chosen by validation NLL over a grid)")
+    scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
     samples: int = _f(4, "posterior samples S per prediction (BMA)")
     members: int = _f(2, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
 
@@ -146,21 +149,29 @@ class SWAGConfig:
             raise ConfigError(f"swag.every must be 'epoch' or a positive integer, got {self.every!r}")
         if self.max_rank < 0:
             raise ConfigError(f"swag.max_rank must be >= 0, got {self.max_rank}")
-        if self.scale != "auto":
-            try:
-                s = float(self.scale)
-            except ValueError:
-                raise ConfigError(f"swag.scale must be a number >= 0 or 'auto', got {self.scale!r}") from None
-            if s < 0:
-                raise ConfigError(f"swag.scale must be >= 0, got {s}")
+        self.scale_setting  # noqa: B018 - validates
         if self.samples < 1 or self.members < 1:
             raise ConfigError("swag.samples and swag.members must be >= 1")
+
+
+    @property
+    def scale_setting(self) -> float | str | None:
+        """``swag.scale`` parsed: None (each posterior's own default), ``"auto"`` or a number >= 0."""
+        if self.scale in ("default", "auto"):
+            return None if self.scale == "default" else "auto"
+        try:
+            value = float(self.scale)
+        except ValueError:
+            raise ConfigError(f"swag.scale must be 'default', 'auto' or a number >= 0, got {self.scale!r}") from None
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"swag.scale must be a finite number >= 0, got {value}")
+        return value
 
 
 @dataclass
 class LaplaceConfig:
     subset: str = _f("all", "parameters under the Laplace approximation: all (every LoRA layer) or last-layer")
-    prior_precision: float = _f(0.0, "prior precision; 0 = chosen by maximising the marginal likelihood")
+    prior_precision: float = _f(0.0, "precision of the prior N(theta_0, 1/lambda) (theta_0: 0 for LoRA, the initial rows for the letter head); 0 = chosen by maximising the marginal likelihood")
     glm_samples: int = _f(100, "samples of the linearised (GLM) predictive's Gaussian logits per example (cheap: no extra forward passes)")
 
     def __post_init__(self) -> None:
@@ -181,6 +192,7 @@ class EvalConfig:
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
+    allow_tuning_split: bool = _f(False, "allow --split to name a split the run trains or validates on (its numbers are then optimistic)", flag="--allow-tuning-split")
 
     def __post_init__(self) -> None:
         if self.limit < 0:
@@ -202,22 +214,36 @@ class RunConfig:
 
 SECTIONS = {f.name: f.type for f in fields(RunConfig)}
 
-#: Named bundles of overrides. ``paper`` is the protocol of Onal et al. (2024) for a 7B model on a GPU.
+#: Named bundles of overrides. ``paper`` is the protocol of Onal et al. (2024) for a 7B model on a GPU, as the
+#: authors' code runs it (github.com/fortuinlab/swag-lora; README.md's training command, conf/config.yaml,
+#: conf/method/swag.yaml, conf/model/llama_7b_hf.yaml, scripts/train.bash, scripts/evaluate_(multi)swag.bash,
+#: train.py). Not reproduced: their force_save early stopping of the SWAG phase (swag.yaml force_save: the SWAG
+#: moments of the epoch with the lowest SWA-mean validation loss, or of epoch swag_start + 5, are kept).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
+        # utils/peft_utils.py trim_head_for_mcqa: the LM head trimmed to the answer letters, read at the last token
         "model.scoring": "letter",
-        "lora.targets": "q_proj,v_proj",
-        "lora.layers": "all",
-        "train.lr": 6e-4,
-        "train.epochs": 8,
-        "swag.epochs": 10,
-        "swag.lr": 1e-4,
-        "swag.anneal_epochs": 5,
-        "swag.every": "epoch",
-        "swag.max_rank": 5,
-        "swag.samples": 15,
-        "swag.scale": "1.0",
-        "swag.members": 5,
+        "model.train_head": True,  # llama_7b_hf.yaml modules_to_save: ["classifier"] (the trimmed head, fully trained)
+        "lora.targets": "q_proj,v_proj",  # llama_7b_hf.yaml target_modules: ["v_proj", "q_proj"]
+        "lora.layers": "all",  # peft LoraConfig over every layer
+        "lora.r": 8, "lora.alpha": 16.0, "lora.dropout": 0.1,  # config.yaml lora_r, lora_alpha, lora_dropout
+        "train.lr": 6e-4,  # README.md: experiment.learning_rate=6e-4
+        "train.batch_size": 16,  # README.md experiment.batch_size=16; scripts/train.bash BSZ=16
+        "train.weight_decay": 0.0,  # config.yaml weight_decay: 0 (AdamW, train.py)
+        "train.warmup": 0.06,  # config.yaml warmup_length: 0.06 of num_epochs * batches (train.py get_lr_scheduler)
+        # config.yaml scheduler: 'linear' = transformers' get_linear_schedule_with_warmup over all num_epochs,
+        # stepped only before swag_start (train.py train_swag)
+        "train.schedule": "linear",
+        "train.epochs": 8,  # README.md method.swag_start=8 (swag.yaml swag_start: 8)
+        "swag.epochs": 10,  # README.md experiment.num_epochs=18 minus swag_start=8
+        "swag.lr": 6e-5,  # scripts/train.bash SWAG_LR = LR / SWAG_DIV_FACTOR (10); README.md's example uses 1e-4
+        "swag.anneal_epochs": 5,  # README.md method.swag_anneal_epochs=5; swag.yaml swag_anneal_strategy 'linear' (SWALR)
+        "swag.every": "epoch",  # swag.yaml swag_c_epochs: 1 (collect at each epoch end)
+        "swag.max_rank": 5,  # swag.yaml swag_max_num_models: 5
+        "swag.samples": 15,  # scripts/evaluate_swag.bash NUM_SAMPLES=15
+        "swag.scale": "1.0",  # scripts/evaluate_swag.bash and evaluate_multiswag.bash SWAG_SAMPLE_SCALE=1.0
+        "swag.members": 5,  # scripts/evaluate_multiswag.bash: 5 trained runs
+        "data.val_fraction": 0.2,  # config.yaml val_split_size: 0.2 (a split of train where there is no validation)
         "data.train_limit": 0,
         "data.val_limit": 0,
         "eval.limit": 0,

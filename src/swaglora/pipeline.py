@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__, metrics
-from .config import RunConfig, config_from_dict, config_to_dict
+from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
 from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import atomic_write_json, atomic_write_text, read_json
@@ -199,8 +200,6 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
     if never stopped). Under ``accelerate launch`` every process trains (data parallel); only the main one
     writes files.
     """
-    import sys
-
     from . import checkpoint, distributed
 
     cfg = session.cfg
@@ -325,6 +324,24 @@ def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
     return sets
 
 
+def check_eval_split(cfg: RunConfig) -> None:
+    """Refuse an in-distribution evaluation split that the run trains on or tunes on (the validation split
+    chooses the MAP epoch, the temperature, the auto scale and the abstention threshold, so its numbers are
+    optimistic), unless ``eval.allow_tuning_split`` opts in; then warn."""
+    if cfg.data.data or cfg.eval.test:
+        return
+    splits = task_splits(cfg.data.task)
+    split = {"train": splits.train, "validation": splits.validation, "test": splits.test}.get(cfg.eval.split, cfg.eval.split)
+    tuning = {splits.train} | ({splits.validation} if splits.validation != splits.test else set())
+    if split not in tuning:
+        return
+    what = f"--split {cfg.eval.split} evaluates on the {cfg.data.task} split {split!r} that the run trains or validates on"
+    if not cfg.eval.allow_tuning_split:
+        raise ConfigError(f"{what} (it picks the MAP epoch, temperature, auto scale and abstention threshold); "
+                          f"evaluate on --split test, or pass --allow-tuning-split to do it anyway")
+    print(f"swaglora: WARNING: {what}; its numbers are optimistic, not a test result", file=sys.stderr)
+
+
 #: Evaluation subsets (``--eval-limit``) are drawn with this seed whatever the training seed, so runs with
 #: different seeds are scored on the same questions and their spread is the training's alone.
 EVAL_SUBSET_SEED = 0
@@ -356,66 +373,80 @@ def _write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tenso
     return result
 
 
+def draw_generator(member_seed: int, method: str, eval_set: str) -> torch.Generator:
+    """The generator of every random draw (posterior weights, dropout masks, GLM logits) of one member
+    posterior on one evaluation set: a function of the member's training seed (:func:`member_seed`, so of
+    the run's seed and the member index), the posterior and the set only, never of paths or time."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{member_seed}/{method}/{eval_set}".encode()))
+
+
 def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
     """Evaluate every table row on every evaluation set with the shared prediction path.
 
     A row's predictive is the equal-weight mixture of its members' BMA predictions (one member, or all of
-    them for MultiSWAG / deep ensembles). Each member posterior is sampled once, with a generator seeded by
-    (seed, member, posterior), and its predictions are shared by every row that uses it: the ``swag`` row
-    and member 0 of ``multiswag`` are the same S draws, evaluated once.
+    them for MultiSWAG / deep ensembles). Each member posterior is sampled on each set with
+    :func:`draw_generator`, and its predictions are shared by every row that uses it: the ``swag`` row and
+    member 0 of ``multiswag`` are the same S draws, evaluated once. A row samples with its posterior's own
+    default scale unless the row fixes one (``swa``: 0) or the user set ``swag.scale`` for SWAG posteriors.
     """
     from tqdm.auto import tqdm
 
     cfg = session.cfg
     members = _member_dirs(run_dirs)
+    seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
     sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
-    memo: dict[tuple, tuple[dict[str, torch.Tensor], float]] = {}
-    configured = None if cfg.swag.scale == "auto" else float(cfg.swag.scale)
+    memo: dict[tuple, tuple[dict[str, torch.Tensor], float, float | None]] = {}
+    setting = cfg.swag.scale_setting
     bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
 
+    def load(index: int, posterior_name: str) -> Posterior:
+        directory = members[index] / "posteriors" / posterior_name
+        if not directory.is_dir():
+            add_posthoc_posterior(session, members[index], posterior_name)
+        return load_posterior(directory, model=session.model, expected_metadata=session.metadata)
+
     def member_logits(index: int, posterior_name: str, scale: float | None, n: int,
-                      linearized: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+                      linearized: bool = False) -> tuple[dict[str, torch.Tensor], float, float | None]:
+        """Logits per set, seconds, and the scale used (the posterior's default where ``scale`` is None)."""
         key = (index, posterior_name, scale, n, linearized)
         if key not in memo:
             start = time.perf_counter()
-            directory = members[index] / "posteriors" / posterior_name
-            if not directory.is_dir():
-                add_posthoc_posterior(session, members[index], posterior_name)
-            posterior = load_posterior(directory, model=session.model, expected_metadata=session.metadata)
-            generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/{members[index]}/{posterior_name}".encode()))
+            posterior = load(index, posterior_name)
             common = {"cache": session.cache, "batch_size": cfg.eval.batch_size}
-            if linearized:  # one forward + C backward passes per question; logit samples cost nothing more
-                passes = 1
-                predict = lambda ex: predict_logits_linearized(session.scorer, ex, posterior, n, generator, scale=scale, **common)  # noqa: E731
-            else:
-                thetas = posterior.draws(n, generator=generator, scale=scale)  # the same draws for every set and batch
-                passes = len(thetas)
-                predict = lambda ex: predict_logits(session.scorer, ex, thetas, stochastic=posterior.stochastic_forward,  # noqa: E731
-                                                    dropout_generator=generator, **common)
             logits = {}
             for set_name, _, examples in sets:
-                logits[set_name] = predict(examples)
+                generator = draw_generator(seeds[index], posterior_name, set_name)
+                if linearized:  # one forward + C backward passes per question; logit samples cost nothing more
+                    passes = 1
+                    logits[set_name] = predict_logits_linearized(session.scorer, examples, posterior, n, generator,
+                                                                 scale=scale, **common)
+                else:
+                    thetas = posterior.draws(n, generator=generator, scale=scale)
+                    passes = len(thetas)
+                    logits[set_name] = predict_logits(session.scorer, examples, thetas, stochastic=posterior.stochastic_forward,
+                                                      dropout_generator=generator, **common)
                 bar.update(len(examples) * passes)
-            memo[key] = (logits, time.perf_counter() - start)
+            used = scale if scale is not None else posterior.default_scale
+            memo[key] = (logits, time.perf_counter() - start, used)
         return memo[key]
 
     chosen: dict[tuple, float] = {}
 
     def auto_scale(posterior_name: str, n: int) -> float:
-        """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, same draws)."""
+        """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the
+        draws its evaluation on the validation set uses)."""
         key = (posterior_name, n)
         if key not in chosen:
-            validation = [ex for set_name, role, ex in sets if role == "validation"]
+            validation = [(set_name, ex) for set_name, role, ex in sets if role == "validation"]
             if not validation:
                 raise ValueError("--swag-scale auto needs a validation set")
-            labels = torch.tensor([ex.answer_index for ex in validation[0]])
-            posterior = load_posterior(members[0] / "posteriors" / posterior_name, model=session.model,
-                                       expected_metadata=session.metadata)
+            set_name, examples = validation[0]
+            labels = torch.tensor([ex.answer_index for ex in examples])
+            posterior = load(0, posterior_name)
             scores = {}
             for grid_scale in SCALE_GRID:
-                generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.train.seed}/auto/{posterior_name}".encode()))
-                thetas = posterior.draws(n, generator=generator, scale=grid_scale)
-                logits = predict_logits(session.scorer, validation[0], thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
+                thetas = posterior.draws(n, generator=draw_generator(seeds[0], posterior_name, set_name), scale=grid_scale)
+                logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
                 scores[grid_scale] = metrics.nll(metrics.predictive(torch.softmax(logits, -1)), labels)
             chosen[key] = min(scores, key=scores.get)
             atomic_write_json(out_dir / "eval" / f"scale-{posterior_name}.json", {"grid_nll": scores, "chosen": chosen[key]})
@@ -425,10 +456,9 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     for name in rows:
         row = ROWS[name]
         n = cfg.laplace.glm_samples if row.linearized else cfg.swag.samples if row.sampled else 1
-        swag_like = row.posterior.startswith("swag")
-        scale = row.scale if row.scale is not None else (configured if swag_like else None)
-        if scale is None and row.sampled and swag_like:
-            scale = auto_scale(row.posterior, n)
+        scale = row.scale
+        if scale is None and row.sampled and get_method(row.posterior).takes_swag_scale:
+            scale = auto_scale(row.posterior, n) if setting == "auto" else setting
         used = range(len(members)) if row.all_members else range(1)
         parts = [member_logits(i, row.posterior, scale, n, row.linearized) for i in used]
         probs = {set_name: torch.softmax(torch.cat([p[0][set_name] for p in parts]), -1) for set_name, _, _ in sets}
@@ -438,28 +468,36 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
         for label, set_probs, extra in variants:
             for set_name, role, examples in sets:
                 info = {"method": label, "eval_set": set_name, "role": role, "n_samples": set_probs[set_name].shape[0],
-                        "n_members": len(used), "scale": scale, "seconds": sum(p[1] for p in parts),
-                        "seed": cfg.train.seed, **extra}
+                        "n_members": len(used), "scale": parts[0][2] if row.sampled else row.scale,
+                        "seconds": sum(p[1] for p in parts), "seed": cfg.train.seed, **extra}
                 out = out_dir / "eval" / set_dir_name(set_name) / label
                 results.append(_write_eval(out, examples, set_probs[set_name], info))
     bar.close()
     return results
 
 
+def _bma_log_probs(probs: torch.Tensor, examples: list[MCQExample]) -> torch.Tensor:
+    """``log`` of the BMA predictive ``[N, C]`` of sample probabilities ``[S, N, C]``: ``-inf`` exactly at the
+    absent choices (beyond an example's choice count), present ones at least ``log`` of the smallest normal
+    float, so that fitting and applying a temperature see the same choices."""
+    present = torch.arange(probs.shape[-1])[None, :] < torch.tensor([ex.n_choices for ex in examples])[:, None]
+    log_pred = metrics.predictive(probs).double().clamp_min(torch.finfo(torch.float64).tiny).log()
+    return log_pred.masked_fill(~present, float("-inf"))
+
+
 def _temperature_scaled(probs: dict[str, torch.Tensor], sets) -> tuple[dict[str, torch.Tensor], dict]:
     """Temperature scaling on top of any method: one T fitted on the validation predictive by NLL
-    (logits = log of the BMA-averaged probabilities), applied to every set."""
+    (logits = log of the BMA-averaged probabilities, absent choices ``-inf``), applied to every set."""
     validation = [(name, ex) for name, role, ex in sets if role == "validation"]
     if not validation:
         raise ValueError("--calibrate temperature needs a validation set")
     name, examples = validation[0]
-    log_pred = lambda p: metrics.predictive(p).clamp_min(1e-30).log()  # noqa: E731 - zero (absent) stays -inf-like
     labels = torch.tensor([ex.answer_index for ex in examples])
-    temperature = fit_temperature(log_pred(probs[name]), labels)
+    temperature = fit_temperature(_bma_log_probs(probs[name], examples), labels)
     scaled = {}
-    for set_name, p in probs.items():
-        logits = log_pred(p).masked_fill(p[0] == 0, float("-inf"))
-        scaled[set_name] = torch.softmax(apply_temperature(logits, temperature), -1)[None].float()
+    for set_name, _, set_examples in sets:
+        logits = apply_temperature(_bma_log_probs(probs[set_name], set_examples), temperature)
+        scaled[set_name] = torch.softmax(logits, -1)[None].float()
     return scaled, {"temperature": temperature}
 
 
@@ -510,6 +548,7 @@ def table_rows(cfg: RunConfig) -> list[str]:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"Unknown method {unknown[0]!r}. Available: {', '.join(ROWS)}")
+    check_eval_split(cfg)  # every command that trains or evaluates a run asks for its rows first
     if cfg.swag.epochs == 0:
         rows = [r for r in rows if not ROWS[r].posterior.startswith("swag")]
     if cfg.swag.members < 2:

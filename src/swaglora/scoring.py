@@ -85,6 +85,12 @@ class LetterHead(nn.Module):
         super().__init__()
         self.token_ids = list(letter_ids)
         self.weight = nn.Parameter(lm_head_weight[letter_ids].detach().clone(), requires_grad=trainable)
+        self.register_buffer("initial_weight", self.weight.detach().clone(), persistent=False)
+
+    def prior_mean(self) -> dict[str, torch.Tensor]:
+        """Where a Laplace prior on the head is centred: its initial value, the LM-head rows of the letters
+        (fine-tuning moves the head away from them; see ``posterior/laplace.py``)."""
+        return {"weight": self.initial_weight}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.weight.T

@@ -51,6 +51,10 @@ class Posterior(ABC):
     # True: collect(model) is called along the training trajectory (SWAG); False: collect and fit
     # are called once, on the MAP weights at the end of the MAP phase (MAP, dropout, Laplace)
     trajectory: ClassVar[bool] = False
+    # covariance scale a draw uses when none is given (None: nothing to scale); an instance may override it
+    default_scale: ClassVar[float | None] = None
+    # True: the run's ``swag.scale`` (``--swag-scale``), when the user sets it, replaces the default scale
+    takes_swag_scale: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | Shapes, **hparams: Any) -> None:
         """Record names/shapes of ``model``'s trainable parameters (or take a ``{name: shape}`` map)."""

@@ -25,16 +25,24 @@ position this is the exact GGN block. Other trainable tensors get the exact diag
 (one backward pass per example and choice: slow, meant for small leftovers). Blocks between
 layers are dropped.
 
-Prior :math:`N(0, \lambda^{-1} I)` on the D covered numbers; log evidence (Laplace)::
+Prior :math:`N(\theta_0, \lambda^{-1} I)` on what fine-tuning moves, as Laplace-LoRA: :math:`\theta_0 = 0`
+for the LoRA weights, and the initial value for a parameter whose module says where it starts with
+``prior_mean() -> {local name: tensor}`` (the letter head: the LM-head rows of the letters). Numbers
+without curvature (output rows of a linear map whose output gradient is always zero, e.g. the head rows of
+letters beyond the data's choice count; diagonal entries with :math:`h = 0`) carry no information from the
+data and are left out of the prior and the posterior: they stay at the MAP value and do not enter the
+evidence. The layout in ``posterior_config.json`` records the rows kept (``rows``, for maps where some are
+left out) and the parameters with a non-zero prior mean (``prior_mean``). Log evidence (Laplace) over the
+D kept numbers::
 
-    log Z(lam) = log p(D|theta) - lam/2 ||theta||^2 + D/2 log lam - 1/2 sum_k log(e_k + lam)
+    log Z(lam) = log p(D|theta) - lam/2 ||theta - theta_0||^2 + D/2 log lam - 1/2 sum_k log(e_k + lam)
 
 with :math:`e_k` the eigenvalues of H (:math:`N\gamma_i\alpha_j` per layer, :math:`h_k` for the
 diagonal part). ``prior_precision=None`` maximises it over a grid :math:`10^{-4}..10^{8}` (4 per
 decade) refined by golden-section search on :math:`\log\lambda`; its stationary point is MacKay's
 :math:`\lambda\|\theta\|^2 = \sum_k e_k/(e_k+\lambda)`. A number fixes :math:`\lambda`.
 
-Sampling, with :math:`A = Q_A\,\mathrm{diag}(\alpha)Q_A^\top`, :math:`G = Q_G\,\mathrm{diag}(\gamma)Q_G^\top`::
+Sampling, with :math:`A = Q_A\,\mathrm{diag}(\alpha)Q_A^\top`, :math:`G = Q_G\,\mathrm{diag}(\gamma)Q_G^\top` (G over the kept rows)::
 
     W = W_MAP + sqrt(scale) * Q_G (Z / sqrt(N gamma alpha^T + lam)) Q_A^T,   Z ~ N(0, I_{out x in})
 
@@ -76,6 +84,7 @@ class Laplace(Posterior):
     """Laplace-LoRA: KFAC Laplace around the MAP, prior precision by marginal likelihood, linearised or sampled predictive."""
 
     name = "laplace"
+    default_scale = 1.0
 
     def __init__(
         self,
@@ -84,7 +93,7 @@ class Laplace(Posterior):
         subset: str = "all",
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
-        default_scale: float = 1.0,
+        default_scale: float | None = None,
         layout: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model)
@@ -96,11 +105,13 @@ class Laplace(Posterior):
         if prior_precision is not None and not (0 < prior_precision < math.inf):
             raise ValueError(f"prior_precision must be positive and finite (or None: marginal likelihood), got {prior_precision}")
         self.fixed_prior = None if prior_precision is None else float(prior_precision)
-        self.subset, self.dtype, self.device, self.default_scale = subset, dtype, torch.device(device), float(default_scale)
+        self.subset, self.dtype, self.device = subset, dtype, torch.device(device)
+        self.default_scale = float(type(self).default_scale if default_scale is None else default_scale)
         self.layout = self._check_layout(layout) if layout is not None else None
         self._mean: dict[str, Tensor] | None = None
         self._kron: dict[str, dict[str, Tensor]] = {}  # weight name -> eigendecompositions of A and G
         self._diag: dict[str, Tensor] = {}  # name -> diagonal of H (a sum over the data)
+        self._prior_mean: dict[str, Tensor] = {}  # name -> prior mean where it is not zero
         self.prior_precision, self.n_data, self.log_likelihood = math.nan, 0, math.nan
         if isinstance(model, nn.Module):
             self.collect(model)
@@ -116,7 +127,18 @@ class Laplace(Posterior):
             shape = self.parameter_shapes[w]
             if len(shape) != 2 or (b and self.parameter_shapes[b] != shape[:1]):
                 raise ValueError(f"Laplace layout: {w!r} {shape} is not a linear weight (bias {b!r})")
-        return {"kron": [list(x) for x in kron], "diag": diag}
+        rows = {str(w): [int(i) for i in r] for w, r in layout.get("rows", {}).items()}  # older posteriors: every row
+        for w, r in rows.items():
+            if w not in dict(kron) or r != sorted(set(r)) or any(not 0 <= i < self.parameter_shapes[w][0] for i in r):
+                raise ValueError(f"Laplace layout: rows of {w!r} must be increasing row indices of a kron weight, got {r}")
+        prior_mean = [str(n) for n in layout.get("prior_mean", [])]
+        if any(n not in names for n in prior_mean):
+            raise ValueError(f"Laplace layout: prior_mean names parameters outside the posterior: {prior_mean}")
+        return {"kron": [list(x) for x in kron], "diag": diag, "rows": rows, "prior_mean": prior_mean}
+
+    def _rows(self, w: str) -> list[int]:
+        """Output rows of kron weight ``w`` that the posterior covers (those with curvature)."""
+        return self.layout["rows"].get(w, list(range(self.parameter_shapes[w][0])))
 
     def _covered(self, model: nn.Module) -> list[str]:
         """Trainable names the posterior covers: all, or those of the last trainable block."""
@@ -146,6 +168,12 @@ class Laplace(Posterior):
         owners: dict[str, list[str]] = {}
         for n in self._covered(model):
             owners.setdefault(n.rpartition(".")[0], []).append(n)
+        self._prior_mean = {}
+        for mod, names in owners.items():
+            means = modules[mod].prior_mean() if callable(getattr(modules[mod], "prior_mean", None)) else {}
+            for n in names:
+                if n.rpartition(".")[2] in means:
+                    self._prior_mean[n] = means[n.rpartition(".")[2]].detach().to(self.device, copy=True)
         plan, diag, checked = {}, [], set()  # plan: module -> (weight name, trainable bias name)
         for mod, names in owners.items():
             attrs, w = {n.rpartition(".")[2]: n for n in names}, getattr(modules[mod], "weight", None)
@@ -219,30 +247,51 @@ class Laplace(Posterior):
             acc[m][2] += int(u.sum())
 
     def _finish(self, plan, acc, hdiag, n_data, loglik) -> None:
-        self._kron, self.n_data, self.log_likelihood = {}, n_data, loglik
+        self._kron, self.n_data, self.log_likelihood, rows = {}, n_data, loglik, {}
         for m, (w, b) in plan.items():
             out, inp = self.parameter_shapes[w][0], self.parameter_shapes[w][1] + (b is not None)
             a_sum, g_sum, count = acc[m]
             a = a_sum / max(count, 1) if count else torch.zeros(inp, inp, dtype=self.dtype)
             g = g_sum / n_data if torch.is_tensor(g_sum) else torch.zeros(out, out, dtype=self.dtype)
+            live = torch.diagonal(g) > 0  # a row whose output gradient is always zero has no curvature
+            if not live.all():
+                rows[w] = live.nonzero().flatten().tolist()
+                g = g[live][:, live]
             (av, aq), (gv, gq) = torch.linalg.eigh(a.to(self.device)), torch.linalg.eigh(g.to(self.device))
             self._kron[w] = dict(zip(_KRON_KEYS, (av.clamp(min=0), aq.contiguous(), gv.clamp(min=0), gq.contiguous())))
         self._diag = {n: h.to(self.device) for n, h in hdiag.items()}
-        self.layout = self._check_layout({"kron": list(plan.values()), "diag": list(hdiag)})
+        covered = {n for pair in plan.values() for n in pair if n} | set(hdiag)
+        self.layout = self._check_layout({"kron": list(plan.values()), "diag": list(hdiag), "rows": rows,
+                                          "prior_mean": [n for n in self._prior_mean if n in covered]})
+        self._prior_mean = {n: self._prior_mean[n] for n in self.layout["prior_mean"]}
         self.prior_precision = self.fixed_prior if self.fixed_prior is not None else self.optimize_prior_precision()
 
     # ------------------------------------------------------------------ evidence
     def _eigenvalues(self) -> Tensor:
         """All eigenvalues of H over the covered parameters (float64), D numbers."""
         parts = [self.n_data * torch.outer(k["G_eigvals"], k["A_eigvals"]).reshape(-1) for k in self._kron.values()]
-        return torch.cat([t.double().cpu() for t in parts + [h.reshape(-1) for h in self._diag.values()]])
+        return torch.cat([t.double().cpu() for t in parts + [h[h > 0] for h in self._diag.values()]])
+
+    def _prior_distance_sq(self) -> float:
+        """``||theta - theta_0||^2`` over the numbers with curvature (the rows kept, diagonal entries h > 0)."""
+        def delta(n: str) -> Tensor:
+            d = self._mean[n].double()
+            return d - self._prior_mean[n].to(d) if n in self._prior_mean else d
+
+        total = 0.0
+        for w, b in self.layout["kron"]:
+            rows = self._rows(w)
+            total += float((delta(w)[rows] ** 2).sum()) + (float((delta(b)[rows] ** 2).sum()) if b else 0.0)
+        for n, h in self._diag.items():
+            total += float((delta(n)[h > 0] ** 2).sum())
+        return total
 
     def log_evidence(self, prior_precision: float, eigenvalues: Tensor | None = None) -> float:
         """Laplace log marginal likelihood of the fitted data at ``prior_precision``."""
         self._require_mean_and_curvature("log_evidence")
         e = self._eigenvalues() if eigenvalues is None else eigenvalues
         lam = float(prior_precision)
-        sq = sum(float((self._mean[n].double() ** 2).sum()) for n in self._covered_names())
+        sq = self._prior_distance_sq()
         return self.log_likelihood - lam / 2 * sq + e.numel() / 2 * math.log(lam) - float(torch.log(e + lam).sum()) / 2
 
     def optimize_prior_precision(self) -> float:
@@ -259,9 +308,6 @@ class Laplace(Posterior):
         return math.exp((lo + hi) / 2)
 
     # ------------------------------------------------------------------ sampling and state
-    def _covered_names(self) -> list[str]:
-        return [w for w, _ in self.layout["kron"]] + [b for _, b in self.layout["kron"] if b] + self.layout["diag"]
-
     def _require_mean_and_curvature(self, what: str) -> None:
         if self._mean is None or self.layout is None or self.n_data < 1:
             raise RuntimeError(f"Laplace.{what}() called before fit(model, batches, loss_fn) or load_state_dict()")
@@ -285,14 +331,16 @@ class Laplace(Posterior):
         g, lam = make_generator(generator), self.prior_precision
         randn = lambda *s: torch.randn(*s, generator=g, dtype=self.dtype, device=g.device).to(self.device)  # noqa: E731
         for w, b in self.layout["kron"]:
-            k = self._kron[w]
+            k, rows = self._kron[w], self._rows(w)
             std = (self.n_data * torch.outer(k["G_eigvals"], k["A_eigvals"]) + lam).rsqrt()
             delta = math.sqrt(scale) * k["G_eigvecs"] @ (randn(*std.shape) * std) @ k["A_eigvecs"].T
-            theta[w] = theta[w].to(self.dtype) + delta[:, : self.parameter_shapes[w][1]]
+            theta[w] = theta[w].to(self.dtype)
+            theta[w][rows] += delta[:, : self.parameter_shapes[w][1]]
             if b:
-                theta[b] = theta[b].to(self.dtype) + delta[:, -1]
+                theta[b] = theta[b].to(self.dtype)
+                theta[b][rows] += delta[:, -1]
         for n, h in self._diag.items():
-            theta[n] = theta[n].to(self.dtype) + math.sqrt(scale) * randn(*h.shape) * (h + lam).rsqrt()
+            theta[n] = theta[n].to(self.dtype) + math.sqrt(scale) * randn(*h.shape) * (h + lam).rsqrt() * (h > 0)
         return theta
 
     # ------------------------------------------------------------------ linearised predictive
@@ -307,24 +355,25 @@ class Laplace(Posterior):
         r"""GLM predictive covariance :math:`\text{scale}\cdot J P^{-1} J^\top` per example, ``[B, C, C]``.
 
         Per KFAC block, in the eigenbasis of G and A: :math:`\sum_{oi} \tilde J_{c,oi} \tilde J_{d,oi} /
-        (N\gamma_o\alpha_i + \lambda)` with :math:`\tilde J = Q_G^\top J Q_A`; the diagonal part divides by
-        :math:`h + \lambda`. Uncovered parameters (``subset="last-layer"``) have no variance.
+        (N\gamma_o\alpha_i + \lambda)` with :math:`\tilde J = Q_G^\top J Q_A` (J over the kept rows); the diagonal part
+        divides by :math:`h + \lambda` (entries with h = 0 are left out). Uncovered parameters
+        (``subset="last-layer"``) have no variance.
         """
         self._require_fit("logit_covariance")
         scale = self.default_scale if scale is None else float(scale)
         lam, cov = self.prior_precision, None
         for w, b in self.layout["kron"]:
-            k = self._kron[w]
-            j = jacobians[w].to(device=self.device, dtype=self.dtype)
+            k, rows = self._kron[w], self._rows(w)
+            j = jacobians[w].to(device=self.device, dtype=self.dtype)[:, :, rows]
             if b:
-                j = torch.cat([j, jacobians[b].to(device=self.device, dtype=self.dtype)[..., None]], -1)
+                j = torch.cat([j, jacobians[b].to(device=self.device, dtype=self.dtype)[:, :, rows, None]], -1)
             rotated = k["G_eigvecs"].T @ j @ k["A_eigvecs"]
             var = (self.n_data * torch.outer(k["G_eigvals"], k["A_eigvals"]) + lam).reciprocal()
             part = torch.einsum("bcoi,bdoi->bcd", rotated * var, rotated)
             cov = part if cov is None else cov + part
         for n, h in self._diag.items():
             j = jacobians[n].to(device=self.device, dtype=self.dtype).flatten(2)
-            part = torch.einsum("bcp,bdp->bcd", j / (h.reshape(-1) + lam), j)
+            part = torch.einsum("bcp,bdp->bcd", j * ((h > 0) / (h + lam)).reshape(-1), j)
             cov = part if cov is None else cov + part
         return scale * cov
 
@@ -336,9 +385,10 @@ class Laplace(Posterior):
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {f"mean.{n}": s for n, s in self.parameter_shapes.items()}
         for w, b in self.layout["kron"]:
-            out, inp = self.parameter_shapes[w][0], self.parameter_shapes[w][1] + (b is not None)
+            out, inp = len(self._rows(w)), self.parameter_shapes[w][1] + (b is not None)
             shapes.update(dict(zip((f"kfac.{w}.{k}" for k in _KRON_KEYS), ((inp,), (inp, inp), (out,), (out, out)))))
         shapes.update({f"diag.{n}": self.parameter_shapes[n] for n in self.layout["diag"]})
+        shapes.update({f"prior_mean.{n}": self.parameter_shapes[n] for n in self.layout["prior_mean"]})
         return {**shapes, "prior_precision": (), "n_data": (), "log_likelihood": ()}
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -346,6 +396,7 @@ class Laplace(Posterior):
         state = {f"mean.{n}": w for n, w in self._mean.items()}
         state.update({f"kfac.{w}.{k}": v for w, kr in self._kron.items() for k, v in kr.items()})
         state.update({f"diag.{n}": h for n, h in self._diag.items()})
+        state.update({f"prior_mean.{n}": m for n, m in self._prior_mean.items()})
         scalar = lambda v, dt=torch.float64: torch.tensor(v, dtype=dt)  # noqa: E731
         return {**state, "prior_precision": scalar(self.prior_precision), "n_data": scalar(self.n_data, torch.int64),
                 "log_likelihood": scalar(self.log_likelihood)}
@@ -361,4 +412,5 @@ class Laplace(Posterior):
         self._mean = {n: state[f"mean.{n}"].detach().to(self.device, copy=True) for n in self.parameter_shapes}
         self._kron = {w: {k: cast(state[f"kfac.{w}.{k}"]) for k in _KRON_KEYS} for w, _ in self.layout["kron"]}
         self._diag = {n: cast(state[f"diag.{n}"]) for n in self.layout["diag"]}
+        self._prior_mean = {n: state[f"prior_mean.{n}"].detach().to(self.device, copy=True) for n in self.layout["prior_mean"]}
         self.prior_precision, self.n_data, self.log_likelihood = lam, n, float(state["log_likelihood"])

@@ -54,6 +54,8 @@ class SWAG(Posterior):
 
     name = "swag"
     trajectory = True
+    default_scale = 0.5  # the paper's 1/2 (Sigma_diag + Sigma_lowrank); a rank <= 1 posterior uses SWAGDiag's
+    takes_swag_scale = True
 
     def __init__(
         self,
@@ -71,7 +73,9 @@ class SWAG(Posterior):
         if int(max_rank) != max_rank or max_rank < 0:
             raise ValueError(f"max_rank must be a non-negative integer, got {max_rank!r}")
         self.max_rank, self.var_clamp, self.dtype, self.device = int(max_rank), float(var_clamp), dtype, torch.device(device)
-        self.default_scale = float(default_scale) if default_scale is not None else (0.5 if self.max_rank >= 2 else 1.0)
+        if default_scale is None:
+            default_scale = type(self).default_scale if self.max_rank >= 2 else SWAGDiag.default_scale
+        self.default_scale = float(default_scale)
         zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
         self.state = SWAGState(zeros(self.num_params), zeros(self.num_params), zeros(self.max_rank, self.num_params))
 
@@ -148,6 +152,7 @@ class SWAGDiag(SWAG):
     """SWAG-diagonal: ``SWAG`` with ``max_rank=0`` (no low-rank covariance, default scale 1)."""
 
     name = "swag-diag"
+    default_scale = 1.0  # SWAG-diagonal of Maddox et al. samples N(mean, diag(var)) unscaled
 
     def __init__(
         self,
