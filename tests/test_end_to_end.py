@@ -257,3 +257,21 @@ def test_the_tuning_split_guard_names_only_splits_the_run_trains_or_validates_on
         check_eval_split(cfg(**{"data.task": "mmlu", "eval.split": "train"}))
     check_eval_split(cfg(**{"eval.split": "validation", "eval.allow_tuning_split": True}))
     assert "WARNING" in capsys.readouterr().err
+
+
+def test_a_question_gets_the_same_weight_sampled_probabilities_in_every_set(tmp_path, tiny_model_dir, data_files):
+    train, test, shift = data_files
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    # the shift set repeats three test questions (other ids, other order) among its own
+    mixed = [dict(rows[5], id="again-5"), *make_examples(4, 7, "x"), dict(rows[0], id="again-0"), dict(rows[9], id="again-9")]
+    write_jsonl(shift, mixed)
+    run = tmp_path / "run"
+    args = [*_common(tiny_model_dir, data_files), "--dtype", "float32", "--members", "1"]
+    assert main(["run", "--out", str(run), *args, "--methods", "swag,laplace-sample", "--overwrite"]) == 0
+    for row in ("swag", "laplace-sample"):
+        read = lambda s: {p["id"]: p for p in map(json.loads, (run / "eval" / s / row / "predictions.jsonl").read_text().splitlines())}  # noqa: E731
+        in_test, in_shift = read("test"), read("shift")
+        for k in (5, 0, 9):
+            a, b = in_test[rows[k]["id"]], in_shift[f"again-{k}"]
+            assert a["probs"] == b["probs"] and a["mutual_information"] == b["mutual_information"]
+            assert a["mutual_information"] > 0  # really sampled: the draws disagree

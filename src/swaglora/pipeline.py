@@ -373,19 +373,27 @@ def _write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tenso
     return result
 
 
-def draw_generator(member_seed: int, method: str, eval_set: str) -> torch.Generator:
-    """The generator of every random draw (posterior weights, dropout masks, GLM logits) of one member
-    posterior on one evaluation set: a function of the member's training seed (:func:`member_seed`, so of
-    the run's seed and the member index), the posterior and the set only, never of paths or time."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{member_seed}/{method}/{eval_set}".encode()))
+def draw_generator(member_seed: int, method: str, eval_set: str | None = None) -> torch.Generator:
+    """The generator of the random draws of one member posterior: a function of the member's training seed
+    (:func:`member_seed`, so of the run's seed and the member index), the posterior and the evaluation set
+    only, never of paths or time.
+
+    ``eval_set=None`` seeds the posterior's *weight* draws, which are the same for every evaluation set (and
+    for ``swaglora predict``): the S models of the Bayesian model average are one set of models, so a
+    question gets the same probabilities in whichever set it is scored, and in-distribution and shift sets
+    are compared under the same draws (OOD detection). Randomness inside a forward pass (MC-dropout masks,
+    the linearised predictive's logit samples) uses the generator of the set.
+    """
+    key = f"{member_seed}/{method}" if eval_set is None else f"{member_seed}/{method}/{eval_set}"
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
 
 
 def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
     """Evaluate every table row on every evaluation set with the shared prediction path.
 
     A row's predictive is the equal-weight mixture of its members' BMA predictions (one member, or all of
-    them for MultiSWAG / deep ensembles). Each member posterior is sampled on each set with
-    :func:`draw_generator`, and its predictions are shared by every row that uses it: the ``swag`` row and
+    them for MultiSWAG / deep ensembles). Each member posterior is sampled once, with :func:`draw_generator`
+    (the same weights for every set), and its predictions are shared by every row that uses it: the ``swag`` row and
     member 0 of ``multiswag`` are the same S draws, evaluated once. A row samples with its posterior's own
     default scale unless the row fixes one (``swa``: 0) or the user set ``swag.scale`` for SWAG posteriors.
     """
@@ -414,6 +422,7 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
             posterior = load(index, posterior_name)
             common = {"cache": session.cache, "batch_size": cfg.eval.batch_size}
             logits = {}
+            thetas = None if linearized else posterior.draws(n, generator=draw_generator(seeds[index], posterior_name), scale=scale)
             for set_name, _, examples in sets:
                 generator = draw_generator(seeds[index], posterior_name, set_name)
                 if linearized:  # one forward + C backward passes per question; logit samples cost nothing more
@@ -421,7 +430,6 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
                     logits[set_name] = predict_logits_linearized(session.scorer, examples, posterior, n, generator,
                                                                  scale=scale, **common)
                 else:
-                    thetas = posterior.draws(n, generator=generator, scale=scale)
                     passes = len(thetas)
                     logits[set_name] = predict_logits(session.scorer, examples, thetas, stochastic=posterior.stochastic_forward,
                                                       dropout_generator=generator, **common)
@@ -434,7 +442,7 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
 
     def auto_scale(posterior_name: str, n: int) -> float:
         """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the
-        draws its evaluation on the validation set uses)."""
+        draws its evaluation uses)."""
         key = (posterior_name, n)
         if key not in chosen:
             validation = [(set_name, ex) for set_name, role, ex in sets if role == "validation"]
@@ -445,7 +453,7 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
             posterior = load(0, posterior_name)
             scores = {}
             for grid_scale in SCALE_GRID:
-                thetas = posterior.draws(n, generator=draw_generator(seeds[0], posterior_name, set_name), scale=grid_scale)
+                thetas = posterior.draws(n, generator=draw_generator(seeds[0], posterior_name), scale=grid_scale)
                 logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
                 scores[grid_scale] = metrics.nll(metrics.predictive(torch.softmax(logits, -1)), labels)
             chosen[key] = min(scores, key=scores.get)
