@@ -27,7 +27,7 @@ import torch
 
 from .io import _fsync_directory, atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
-__all__ = ["Checkpoint", "save", "latest", "optimizer_state", "load_optimizer_state"]
+__all__ = ["Checkpoint", "save", "latest", "steps", "optimizer_state", "load_optimizer_state"]
 
 FORMAT_VERSION = 1
 TENSORS, META = "state.safetensors", "state.json"
@@ -46,7 +46,7 @@ class Checkpoint:
         return {k[len(start):]: v for k, v in self.tensors.items() if k.startswith(start)}
 
 
-def _steps(root: Path) -> list[int]:
+def steps(root: Path) -> list[int]:
     """Steps of the checkpoint directories under ``root``, newest first (temporary directories start with '.')."""
     if not root.is_dir():
         return []
@@ -73,7 +73,7 @@ def save(root: Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mappi
         _fsync_directory(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left when something above failed
-    for old_step in _steps(root)[keep:]:
+    for old_step in steps(root)[keep:]:
         shutil.rmtree(root / str(old_step), ignore_errors=True)
     for stale in root.glob(".*"):  # temporary directories of writes that were killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -93,7 +93,7 @@ def load(path: Path) -> Checkpoint:
 
 def latest(root: Path) -> Checkpoint | None:
     """The newest readable checkpoint under ``root`` (damaged newer ones are reported and skipped), or None."""
-    for step in _steps(root):
+    for step in steps(root):
         try:
             return load(root / str(step))
         except (ValueError, FileNotFoundError, KeyError) as e:

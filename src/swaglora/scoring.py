@@ -56,6 +56,8 @@ class Encoded:
     pred_choice: list[int]  # cloze: which choice (0-based) that token belongs to
     n_choices: int
     label: int
+    question_cut: int = 0  # tokens dropped from the start of the question (prompt) to fit max_length
+    choices_cut: int = 0  # cloze: choices cut to their first MAX_CHOICE_TOKENS tokens
 
 
 @dataclass
@@ -156,9 +158,11 @@ class Scorer:
                 c_ids = self.tokenizer(flat, add_special_tokens=False).input_ids
                 at = 0
                 for ex, q in zip(todo, q_ids):
-                    choices = [c[:MAX_CHOICE_TOKENS] for c in c_ids[at : at + ex.n_choices]]
+                    full = c_ids[at : at + ex.n_choices]
                     at += ex.n_choices
-                    self._encoded[key(ex)] = self._pack(ex, q, choices)
+                    encoded = self._pack(ex, q, [c[:MAX_CHOICE_TOKENS] for c in full])
+                    encoded.choices_cut = sum(len(c) > MAX_CHOICE_TOKENS for c in full)
+                    self._encoded[key(ex)] = encoded
         return [self._encoded[key(ex)] for ex in examples]
 
     def _pack(self, ex: MCQExample, question: list[int], choices: list[list[int]]) -> Encoded:
@@ -166,7 +170,8 @@ class Scorer:
             raise ModelError(f"example {ex.id!r}: a choice tokenizes to nothing")
         budget = self.max_length - len(self.prefix_ids) - sum(len(c) for c in choices)
         if budget < 1:
-            raise ModelError(f"example {ex.id!r}: its choices alone exceed max_length={self.max_length} tokens")
+            raise ModelError(f"question {ex.id!r}: its choices alone take {sum(len(c) for c in choices)} tokens, "
+                             f"more than --max-length {self.max_length} allows; raise --max-length")
         q = self.prefix_ids + question[-budget:]  # keep the end of the question, next to "Answer:"
         ids, pos, seg = list(q), list(range(len(q))), [0] * len(q)
         pred_pos, pred_tok, pred_choice = [], [], []
@@ -181,7 +186,8 @@ class Scorer:
             ids += c
             pos += range(len(q), len(q) + len(c))
             seg += [i + 1] * len(c)
-        return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, ex.answer_index)
+        return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, ex.answer_index,
+                       question_cut=max(0, len(question) - budget))
 
     def collate(self, encoded: list[Encoded], keys: list[tuple] | None = None) -> Batch:
         """Pad to the longest sequence in the batch (dynamic padding) and build the packed attention mask."""
