@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .io import _fsync_directory, atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from .io import _fsync_directory, atomic_save_safetensors, atomic_write_json, load_safetensors, make_temp_dir, read_json
 
 __all__ = ["Checkpoint", "save", "latest", "steps", "optimizer_state", "load_optimizer_state"]
 
@@ -57,7 +56,7 @@ def save(root: Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mappi
     """Write checkpoint ``root/<step>`` atomically, then delete all but the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / str(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step}-", dir=root))
+    tmp = make_temp_dir(f".tmp-{step}-", root)
     try:
         save_id = uuid.uuid4().hex
         atomic_save_safetensors(tmp / TENSORS, tensors, {"save_id": save_id})

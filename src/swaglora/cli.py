@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"swaglora: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system refused: read-only, full, no permission, a file where a directory goes
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"swaglora: error: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"swaglora: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"swaglora: error: {exc}", file=sys.stderr)

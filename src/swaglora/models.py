@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import LoraSettings, ModelConfig
+from .io import make_temp_dir
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -132,7 +132,7 @@ def _cached_embedded(name: str) -> Path:
         if info.get("source") == stamp:
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = make_temp_dir(f".{name}-", target.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from . import __version__, metrics
 from .config import RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
 from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
-from .io import atomic_write_json, atomic_write_text, read_json
+from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import Posterior, get_method, load_posterior
@@ -182,9 +181,10 @@ def member_seed(cfg: RunConfig, index: int) -> int:
 def _save_adapter(model: nn.Module, directory: Path) -> None:
     """Save the PEFT adapter atomically (temporary directory, then rename)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory.parent))
+    tmp = make_temp_dir(".adapter-", directory.parent)
     try:
         model.save_pretrained(tmp)
+        apply_umask(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -150,8 +150,9 @@ class Scorer:
                     for ex in todo
                 ]
                 q_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
-                for ex, q in zip(todo, q_ids):
-                    self._encoded[key(ex)] = self._pack(ex, q, [])
+                heads = self.tokenizer([f"Question: {ex.question}\n" for ex in todo], add_special_tokens=False).input_ids
+                for ex, q, head in zip(todo, q_ids, heads):  # the choices and "Answer:" are never cut
+                    self._encoded[key(ex)] = self._pack(ex, q, [], keep=max(0, len(q) - len(head)))
             else:
                 q_ids = self.tokenizer([f"Question: {ex.question}\nAnswer:" for ex in todo], add_special_tokens=False).input_ids
                 flat = [f" {c}" for ex in todo for c in ex.choices]
@@ -165,12 +166,14 @@ class Scorer:
                     self._encoded[key(ex)] = encoded
         return [self._encoded[key(ex)] for ex in examples]
 
-    def _pack(self, ex: MCQExample, question: list[int], choices: list[list[int]]) -> Encoded:
+    def _pack(self, ex: MCQExample, question: list[int], choices: list[list[int]], keep: int = 0) -> Encoded:
+        """``keep``: tokens at the end of ``question`` that must not be cut (letter scoring: the choices)."""
         if any(len(c) == 0 for c in choices):
             raise ModelError(f"example {ex.id!r}: a choice tokenizes to nothing")
+        fixed = sum(len(c) for c in choices) + keep
         budget = self.max_length - len(self.prefix_ids) - sum(len(c) for c in choices)
-        if budget < 1:
-            raise ModelError(f"question {ex.id!r}: its choices alone take {sum(len(c) for c in choices)} tokens, "
+        if budget < keep + 1:
+            raise ModelError(f"question {ex.id!r}: its choices alone take {fixed} tokens, "
                              f"more than --max-length {self.max_length} allows; raise --max-length")
         q = self.prefix_ids + question[-budget:]  # keep the end of the question, next to "Answer:"
         ids, pos, seg = list(q), list(range(len(q))), [0] * len(q)

@@ -67,9 +67,8 @@ def check_out_dir(out: str | Path, overwrite: bool = False, flag: str = "--out")
     if resolved.exists() and not resolved.is_dir():
         raise ConfigError(f"{flag} {text}: is a file, not a directory")
     if resolved.is_dir() and any(resolved.iterdir()) and not is_run_dir(resolved):
-        action = "delete (--overwrite)" if overwrite else "write into"
-        raise ConfigError(f"{flag} {text}: not empty and not a swaglora run (no {RUN_MARKER}); swaglora never "
-                          f"{action}s such a directory: give a new or empty one")
+        raise ConfigError(f"{flag} {text}: not empty and not a swaglora run (no {RUN_MARKER}); swaglora writes into, "
+                          "or deletes with --overwrite, only its own run directories: give a new or empty one")
     if not overwrite and is_run_dir(resolved):
         pipeline.check_run_format(resolved)
     existing = next(p for p in (resolved, *resolved.parents) if p.exists())
