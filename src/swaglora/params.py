@@ -88,8 +88,8 @@ def check_same_shapes(
     """Raise a one-line ValueError summarising the differences of two ``{name: shape}`` maps (order ignored)."""
     problems = shape_mismatches(expected, actual, expected_label, actual_label)
     if problems:
-        more = f" (and {len(problems) - 1} more difference(s))" if len(problems) > 1 else ""
-        raise ValueError(f"{expected_label} and {actual_label} do not match: {problems[0]}{more}")
+        more = f" (and {len(problems) - 2} more difference(s))" if len(problems) > 2 else ""
+        raise ValueError(f"{expected_label} and {actual_label} do not match: {'; '.join(problems[:2])}{more}")
 
 
 @contextmanager
