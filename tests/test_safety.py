@@ -353,3 +353,22 @@ def test_io_temp_dirs_follow_the_umask(tmp_path):
         assert stat.S_IMODE(io.make_temp_dir(".x-", tmp_path).stat().st_mode) == 0o755
     finally:
         os.umask(old)
+
+
+def test_seeds_are_all_checked_before_the_first_one_trains(tmp_path, tiny_model_dir, files, capsys):
+    out = tmp_path / "seeds"
+    args = ["run", *tiny_args(tiny_model_dir, files), "--members", "1", "--methods", "map", "--swag-epochs", "0",
+            "--seeds", "0,1", "--out", str(out)]
+    (out / "seed-1").mkdir(parents=True)
+    (out / "seed-1" / "notes.txt").write_text("mine")
+    one_error(capsys, main(args), f"--out {out}: not empty and not a swaglora run")  # the parent is not ours
+    pipeline.write_run_marker(out)  # as an earlier `run --seeds` leaves it
+    one_error(capsys, main(args), f"--out {out / 'seed-1'}: not empty and not a swaglora run")
+    assert sorted(p.name for p in out.iterdir()) == ["seed-1", "swaglora_run.json"]  # seed 0 was not trained first
+    (out / "seed-1" / "notes.txt").unlink()
+    assert main(args) == 0
+    assert validate.is_run_dir(out) and all(validate.is_run_dir(out / f"seed-{s}") for s in (0, 1))
+    assert (out / "report.md").is_file()
+    assert main(["report", str(out / "seed-0"), str(out / "seed-1"), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", str(out / "seed-0"), str(out / "seed-1"), "--out", str(tmp_path / "rep")]) == 0  # ours now
+    assert (tmp_path / "rep" / "report.md").is_file()

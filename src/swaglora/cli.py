@@ -210,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         validate.check_abstain_risk(args.abstain_risk)
         out = validate.check_out_dir(args.out) if args.out else None
+        if out is not None:
+            validate.claim_dir(out)
         _report([Path(r) for r in args.runs], out, args.abstain_risk)
         return 0
     progress = not args.quiet
