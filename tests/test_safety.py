@@ -372,3 +372,13 @@ def test_seeds_are_all_checked_before_the_first_one_trains(tmp_path, tiny_model_
     assert main(["report", str(out / "seed-0"), str(out / "seed-1"), "--out", str(tmp_path / "rep")]) == 0
     assert main(["report", str(out / "seed-0"), str(out / "seed-1"), "--out", str(tmp_path / "rep")]) == 0  # ours now
     assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def test_a_model_that_is_not_a_causal_lm_is_one_line(tmp_path, tiny_model_dir, files, capsys, no_work):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    code = main(["run", *tiny_args(tiny_model_dir, files), "--model", str(tmp_path / "bert"), "--out", str(tmp_path / "r")])
+    one_error(capsys, code, "BertLMHeadModel is not a Llama-style causal LM")
+    assert not (tmp_path / "r").exists()

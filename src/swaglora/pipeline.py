@@ -24,7 +24,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .posterior import Posterior, get_method, load_posterior
 from .predict import predict_logits, predict_logits_linearized
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
+
+if TYPE_CHECKING:
+    from . import validate
 
 __all__ = ["Row", "ROWS", "Session", "open_session", "train_members", "evaluate_run", "run", "set_dir_name"]
 
@@ -551,7 +554,8 @@ def table_rows(cfg: RunConfig) -> list[str]:
     return [r for r in requested_rows(cfg) if row_unavailable(cfg, r) is None]
 
 
-def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False, plan=None) -> list[dict]:
+def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False,
+        plan: validate.Plan | None = None) -> list[dict]:
     """The main job: train the members, evaluate every row on every set, write the results.
 
     ``plan``: what :func:`swaglora.validate.preflight` returned for this job (checked here when None).

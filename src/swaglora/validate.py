@@ -230,8 +230,12 @@ def _check_model(cfg: RunConfig, sets: list[tuple[str, list[MCQExample]]]) -> No
     from .scoring import MAX_CHOICE_TOKENS, Scorer
 
     config, tokenizer = _inspect_model(cfg.model)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError:
+        raise ModelError(f"--model {cfg.model.name}: not a causal LM (transformers has no causal-LM class for "
+                         f"model_type {getattr(config, 'model_type', '?')!r})") from None
     layers = decoder_parts(model).layers
     if cfg.lora.layers.startswith("top:") and int(cfg.lora.layers[4:]) > len(layers):
         raise ConfigError(f"--lora-layers {cfg.lora.layers}: the model has {len(layers)} layers; "
