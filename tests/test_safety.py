@@ -252,7 +252,7 @@ def test_warnings_say_what_is_skipped_or_cut(tmp_path, tiny_model_dir, files, ca
     assert "--lr 1e+06 is far above the usual" in err
     # "Question: Which word is <w>?\nAnswer:" is longer than 12 tokens minus the choices for every question
     n_train = len(pipeline._training_data(resolve_config(args))[0])
-    assert f"training data: {n_train} of {n_train} questions are longer than --max-length 12" in err
+    assert f"{files['train']} (training): {n_train} of {n_train} questions are longer than --max-length 12" in err
     assert not (tmp_path / "r").exists()
 
 

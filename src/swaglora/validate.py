@@ -291,7 +291,8 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     train, validation = pipeline._training_data(cfg)
     if command != "evaluate":
         pipeline.check_schedule(cfg, len(train))
-    sets = [("training data", train), ("validation data", validation)]
+    spec = cfg.data.data or cfg.data.task
+    sets = [(f"{spec} (training)", train), (f"{spec} (validation)", validation)]
     if command != "train":
         sets += [(name, examples) for name, _, examples in pipeline.eval_data(cfg)]
     hashes = data_sha256(cfg, evaluating=command != "train")
