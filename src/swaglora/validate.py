@@ -155,8 +155,11 @@ def _warn_learning_rates(cfg: RunConfig) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def data_sha256(cfg: RunConfig, evaluating: bool) -> dict[str, str]:
