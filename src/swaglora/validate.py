@@ -164,10 +164,9 @@ def file_sha256(path: str | Path) -> str:
 
 def data_sha256(cfg: RunConfig, evaluating: bool) -> dict[str, str]:
     """sha256 of every data file (not bundled task or hub dataset) the command reads, by its spec."""
-    specs = [cfg.data.data]
-    if evaluating:
-        specs += [cfg.eval.test, *cfg.eval.shift.split(",")]
-    return {s.strip(): file_sha256(s.strip()) for s in specs if s.strip() and Path(s.strip()).is_file()}
+    specs = [cfg.data.data, *([cfg.eval.test, *cfg.eval.shift.split(",")] if evaluating else [])]
+    files = [s.strip() for s in specs if s.strip() and Path(s.strip()).is_file()]
+    return {f: file_sha256(f) for f in files}
 
 
 def _check_data_unchanged(cfg: RunConfig, run_dir: Path, hashes: dict[str, str]) -> None:
