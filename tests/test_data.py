@@ -514,7 +514,7 @@ def test_resolve_hub_spec_with_fake_datasets(monkeypatch):
 def test_directory_given_as_data_file_says_so(tmp_path):
     (tmp_path / "mydata").mkdir()
     for spec in (tmp_path / "mydata", str(tmp_path / "mydata")):
-        with pytest.raises(DataError, match="mydata is a directory; give a .jsonl"):
+        with pytest.raises(DataError, match="mydata: is a directory; give a .jsonl"):
             data.resolve_dataset(str(spec), "train")
 
 

@@ -160,7 +160,7 @@ def _build(items: Iterable[tuple[int, MCQExample]], source: str) -> list[MCQExam
 def _read_lines(path: Path, source: str) -> Iterator[tuple[int, str]]:
     """Yield ``(1-based line, text)`` for the non-blank lines of a .jsonl(.gz) file."""
     if path.is_dir():
-        raise DataError(f"{path.resolve()} is a directory; give a .jsonl or .jsonl.gz file", source=source)
+        raise DataError("is a directory; give a .jsonl or .jsonl.gz file", source=source)
     if not path.is_file():
         raise DataError(f"file not found: {path.resolve()}", source=source)
     opener = gzip.open if path.name.endswith(".gz") else open
