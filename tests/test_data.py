@@ -509,3 +509,26 @@ def test_resolve_hub_spec_with_fake_datasets(monkeypatch):
     assert examples[0].answer == "B" and examples[0].id == "cais/mmlu/0"
     data.resolve_dataset("hf:someone/mine", "train")
     assert calls[-1] == ("someone/mine", None, "train")
+
+
+def test_directory_given_as_data_file_says_so(tmp_path):
+    (tmp_path / "mydata").mkdir()
+    for spec in (tmp_path / "mydata", str(tmp_path / "mydata")):
+        with pytest.raises(DataError, match="mydata: is a directory; give a .jsonl"):
+            data.resolve_dataset(str(spec), "train")
+
+
+def test_non_utf8_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes((json.dumps(row(0)) + "\n\n").encode() + json.dumps(row(1)).encode("latin-1").replace(b"Question", b"Qu\xe9stion") + b"\n")
+    with pytest.raises(DataError) as info:
+        data.load_jsonl(path)
+    assert_located(str(info.value), 3, None)
+    assert "not UTF-8" in str(info.value) and "byte 0xe9 at column 29" in str(info.value)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row(0)) + "\n" + json.dumps(row(1)) + "\n").encode())
+    examples = data.load_jsonl(path)
+    assert [ex.id for ex in examples] == ["q0", "q1"] and examples[0].question == "Question 0?"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ from typing import Any
 
 import torch
 
-from .io import _fsync_directory, atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from .io import _fsync_directory, atomic_save_safetensors, atomic_write_json, load_safetensors, make_temp_dir, read_json
 
-__all__ = ["Checkpoint", "save", "latest", "optimizer_state", "load_optimizer_state"]
+__all__ = ["Checkpoint", "save", "latest", "steps", "optimizer_state", "load_optimizer_state"]
 
 FORMAT_VERSION = 1
 TENSORS, META = "state.safetensors", "state.json"
@@ -46,7 +45,7 @@ class Checkpoint:
         return {k[len(start):]: v for k, v in self.tensors.items() if k.startswith(start)}
 
 
-def _steps(root: Path) -> list[int]:
+def steps(root: Path) -> list[int]:
     """Steps of the checkpoint directories under ``root``, newest first (temporary directories start with '.')."""
     if not root.is_dir():
         return []
@@ -57,7 +56,7 @@ def save(root: Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mappi
     """Write checkpoint ``root/<step>`` atomically, then delete all but the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / str(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step}-", dir=root))
+    tmp = make_temp_dir(f".tmp-{step}-", root)
     try:
         save_id = uuid.uuid4().hex
         atomic_save_safetensors(tmp / TENSORS, tensors, {"save_id": save_id})
@@ -73,7 +72,7 @@ def save(root: Path, step: int, tensors: Mapping[str, torch.Tensor], meta: Mappi
         _fsync_directory(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only left when something above failed
-    for old_step in _steps(root)[keep:]:
+    for old_step in steps(root)[keep:]:
         shutil.rmtree(root / str(old_step), ignore_errors=True)
     for stale in root.glob(".*"):  # temporary directories of writes that were killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -93,7 +92,7 @@ def load(path: Path) -> Checkpoint:
 
 def latest(root: Path) -> Checkpoint | None:
     """The newest readable checkpoint under ``root`` (damaged newer ones are reported and skipped), or None."""
-    for step in _steps(root):
+    for step in steps(root):
         try:
             return load(root / str(step))
         except (ValueError, FileNotFoundError, KeyError) as e:

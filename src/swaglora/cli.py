@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _add_config_flags(p, all_sections)
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--seeds", default="", help="comma-separated seeds: one run per seed under OUT/seed-<k>, reported as mean ± std")
-    p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of reusing finished members")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: one run per seed under OUT/seed-<k>, reported as mean ± std")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT first (only a swaglora run) instead of reusing finished members")
     p.add_argument("--abstain-risk", type=float, default=None, help="report: confidence threshold chosen on validation for this risk")
 
     p = sub.add_parser("train", help="fine-tune LoRA members and collect their posteriors into a run directory")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--member-index", type=int, action="append", default=None,
                    help="train only this member (repeatable), e.g. one per machine; combine later with evaluate --run")
-    p.add_argument("--overwrite", action="store_true", help="delete OUT first")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT first (only a swaglora run)")
 
     p = sub.add_parser("evaluate", help="evaluate a trained run (--run) or a base model zero-shot (--model)")
     _common(p)
@@ -166,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"swaglora: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from .models import ModelError  # torch is imported by then
+
+        if not isinstance(exc, ModelError):
+            raise  # a bug: keep its traceback
+        print(f"swaglora: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused: read-only, full, no permission, a file where a directory goes
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"swaglora: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except FloatingPointError as exc:
         print(f"swaglora: error: {exc}", file=sys.stderr)
         return 1
@@ -180,44 +191,56 @@ def _is_main() -> bool:
     return current().is_main
 
 
+def _quiet() -> None:
+    """No progress bars from transformers ("Loading weights") or the hub either."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from . import pipeline, validate
 
     if args.command == "tasks":
         return _cmd_tasks()
     if args.command == "methods":
         return _cmd_methods()
     if args.command == "report":
-        _report([Path(r) for r in args.runs], Path(args.out) if args.out else None, args.abstain_risk)
+        validate.check_abstain_risk(args.abstain_risk)
+        out = validate.check_out_dir(args.out) if args.out else None
+        if out is not None:
+            validate.claim_dir(out)
+        _report([Path(r) for r in args.runs], out, args.abstain_risk)
         return 0
     progress = not args.quiet
+    if args.quiet:
+        _quiet()
     if args.command == "run":
+        validate.check_abstain_risk(args.abstain_risk)
         cfg = resolve_config(args)
         _print_choice(cfg)
-        out = Path(args.out)
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
-        if not seeds:
-            pipeline.run(cfg, out, progress=progress, overwrite=args.overwrite)
-            if _is_main():
-                _report([out], out, args.abstain_risk)
-            return 0
-        dirs = []
-        for seed in seeds:
-            seed_cfg = apply_overrides(cfg, {"train.seed": seed})
-            pipeline.run(seed_cfg, out / f"seed-{seed}", progress=progress, overwrite=args.overwrite)
-            dirs.append(out / f"seed-{seed}")
+        seeds = validate.parse_seeds(args.seeds)
+        out = validate.check_out_dir(args.out, args.overwrite)
+        jobs = [(apply_overrides(cfg, {"train.seed": s}), out / f"seed-{s}") for s in seeds] or [(cfg, out)]
+        plans = [validate.preflight(c, "run", d, overwrite=args.overwrite) for c, d in jobs]  # all before any work
+        if seeds and _is_main():
+            validate.claim_dir(out)  # the parent of the seed runs holds their report
+        for (job_cfg, run_dir), plan in zip(jobs, plans):
+            pipeline.run(job_cfg, run_dir, progress=progress, overwrite=args.overwrite, plan=plan)
         if _is_main():
-            _report(dirs, out, args.abstain_risk)
+            _report([d for _, d in jobs], out, args.abstain_risk)
         return 0
     if args.command == "train":
         cfg = resolve_config(args)
         _print_choice(cfg)
         out = Path(args.out)
-        rows = pipeline.table_rows(cfg)
-        pipeline.prepare_run_dir(cfg, out, args.overwrite)
-        session = pipeline.open_session(cfg)
         members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
-        pipeline.train_members(session, out, members, rows, progress=progress)
+        plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members)
+        pipeline.prepare_run_dir(cfg, out, args.overwrite, plan.data_sha256)
+        session = pipeline.open_session(cfg)
+        pipeline.train_members(session, out, members, plan.rows, progress=progress)
         print(f"trained members {members} into {out}")
         return 0
     if args.command == "evaluate":
@@ -226,15 +249,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
-    from . import pipeline
+    from . import pipeline, validate
 
     runs = [Path(r) for r in args.run]
     if runs:
         cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
         out = Path(args.out) if args.out else runs[0]
-        rows = pipeline.table_rows(cfg)
+        plan = validate.preflight(cfg, "evaluate", out, runs=runs)
+        validate.claim_dir(out)
         session = pipeline.open_session(cfg)
-        pipeline.evaluate_run(session, runs, rows, out, progress=progress)
+        pipeline.evaluate_run(session, runs, plan.rows, out, progress=progress)
         _report([out], out)
         return 0
     # zero-shot evaluation of a base model on one data set
@@ -243,6 +267,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     cfg = resolve_config(args)
     _print_choice(cfg)
     out = Path(args.out)
+    validate.preflight(cfg, "zero-shot", out)
+    validate.claim_dir(out)
     session = pipeline.open_session(cfg, with_data=False)
     results = pipeline.evaluate_base(session, out, progress=progress)
     for r in results:

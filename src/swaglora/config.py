@@ -73,6 +73,8 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be > 0 (scaling = alpha / r; 0 would train nothing), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.layers != "all":
@@ -115,10 +117,15 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "also checkpoint every N optimiser steps (0 = only at epoch ends); rerun to resume", flag="--checkpoint-every")
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1 (with 0 the MAP weights would stay at their "
+                              f"initialisation, i.e. the zero-shot model), got {self.epochs}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.threads < 0:
+            raise ConfigError(f"train.threads must be >= 0 (0 = number of cores), got {self.threads}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if not 0.0 <= self.warmup < 1.0:
@@ -197,6 +204,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.limit < 0:
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.calibrate not in ("", "temperature"):
             raise ConfigError(f"eval.calibrate must be '' or 'temperature', got {self.calibrate!r}")
 
@@ -341,9 +350,16 @@ def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 def load_config_file(path: str | Path) -> RunConfig:
     """Read a YAML or JSON config file (nested sections) into a RunConfig."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config {p} is a directory; give a YAML or JSON file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {raw[exc.start]:#x}); save the file as UTF-8") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml

@@ -159,15 +159,22 @@ def _build(items: Iterable[tuple[int, MCQExample]], source: str) -> list[MCQExam
 
 def _read_lines(path: Path, source: str) -> Iterator[tuple[int, str]]:
     """Yield ``(1-based line, text)`` for the non-blank lines of a .jsonl(.gz) file."""
+    if path.is_dir():
+        raise DataError("is a directory; give a .jsonl or .jsonl.gz file", source=source)
     if not path.is_file():
         raise DataError(f"file not found: {path.resolve()}", source=source)
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line, text in enumerate(handle, start=1):
+        with opener(path, "rb") as handle:
+            for line, raw in enumerate(handle, start=1):
+                try:  # a UTF-8 byte order mark at the start of the file is allowed
+                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"not UTF-8 text (byte {raw[exc.start]:#x} at column {exc.start + 1}); "
+                                    "save the file as UTF-8", source=source, line=line) from None
                 if text.strip():
                     yield line, text
-    except (OSError, EOFError, UnicodeDecodeError) as exc:  # bad gzip, truncated, not UTF-8
+    except (OSError, EOFError) as exc:  # bad gzip, truncated
         raise DataError(f"cannot read file: {exc}", source=source) from exc
 
 
@@ -467,7 +474,7 @@ def resolve_dataset(spec: str, split: str) -> list[MCQExample]:
         return _load_hub(spec, split)
     if spec in TASKS or spec.startswith("mmlu:"):
         return load_task(spec, split)
-    if spec.endswith((".jsonl", ".jsonl.gz")) or Path(spec).is_file():
+    if spec.endswith((".jsonl", ".jsonl.gz")) or Path(spec).exists():
         return load_jsonl(spec)
     raise DataError(f"Unknown dataset {spec!r}. Use a bundled task ({', '.join(sorted(TASKS))}),"
                     " mmlu:<group|subject>, a .jsonl/.jsonl.gz file, or hf:<id>[:<config>]")

@@ -36,16 +36,36 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_temp_dir(prefix: str, parent: PathLike) -> Path:
+    """A temporary directory in ``parent`` (to be renamed into place) with the process umask's permissions,
+    not mkdtemp's 0700, so finished runs can be shared like any other files."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def apply_umask(directory: PathLike) -> None:
+    """Give every file under ``directory`` the process umask's permissions (safetensors writes 0600)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def _atomic_replace(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync the temp file and ``os.replace`` it onto ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp and safetensors make 0600; give the usual permissions
         fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)

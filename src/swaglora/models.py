@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import LoraSettings, ModelConfig
+from .io import make_temp_dir
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -29,6 +29,7 @@ __all__ = [
     "LoadedModel",
     "cache_dir",
     "load_model",
+    "model_source",
     "add_lora",
     "init_lora",
     "DecoderParts",
@@ -131,7 +132,7 @@ def _cached_embedded(name: str) -> Path:
         if info.get("source") == stamp:
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = make_temp_dir(f".{name}-", target.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -152,6 +153,19 @@ def _cached_embedded(name: str) -> Path:
     return target
 
 
+def model_source(name: str) -> str | Path:
+    """Where ``--model name`` is loaded from: the embedded model's cache, a local directory or a hub id."""
+    if name in EMBEDDED_MODELS:
+        return _cached_embedded(name)
+    if Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelError(f"--model {name}: directory has no config.json (tried it as a local Hugging Face model)")
+        return Path(name)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"--model {name!r} does not exist (tried it as a local directory)")
+    return name
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load the base model and tokenizer named by ``cfg.name``.
 
@@ -160,16 +174,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = cfg.name
-    if name in EMBEDDED_MODELS:
-        source: str | Path = _cached_embedded(name)
-    elif Path(name).exists():
-        source = Path(name)
-        if not (source / "config.json").is_file():
-            raise ModelError(f"model directory {source} has no config.json (tried it as a local Hugging Face model)")
-    elif name.startswith((".", "/", "~")):
-        raise ModelError(f"model path {name!r} does not exist (tried it as a local directory)")
-    else:
-        source = name
+    source = model_source(name)
     dtype = resolve_dtype(cfg.dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)

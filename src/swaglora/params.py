@@ -85,10 +85,11 @@ def shape_mismatches(
 def check_same_shapes(
     expected: Shapes, actual: Shapes, expected_label: str = "expected", actual_label: str = "actual"
 ) -> None:
-    """Raise ValueError listing every difference between two ``{name: shape}`` maps (order ignored)."""
+    """Raise a one-line ValueError summarising the differences of two ``{name: shape}`` maps (order ignored)."""
     problems = shape_mismatches(expected, actual, expected_label, actual_label)
     if problems:
-        raise ValueError(f"{expected_label} and {actual_label} do not match:\n  " + "\n  ".join(problems))
+        more = f" (and {len(problems) - 2} more difference(s))" if len(problems) > 2 else ""
+        raise ValueError(f"{expected_label} and {actual_label} do not match: {'; '.join(problems[:2])}{more}")
 
 
 @contextmanager

@@ -21,12 +21,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,13 +34,16 @@ from . import __version__, metrics
 from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
 from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
-from .io import atomic_write_json, atomic_write_text, read_json
+from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import Posterior, get_method, load_posterior
 from .predict import predict_logits, predict_logits_linearized
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
+
+if TYPE_CHECKING:
+    from . import validate
 
 __all__ = ["Row", "ROWS", "Session", "open_session", "train_members", "evaluate_run", "run", "set_dir_name"]
 
@@ -183,9 +185,10 @@ def member_seed(cfg: RunConfig, index: int) -> int:
 def _save_adapter(model: nn.Module, directory: Path) -> None:
     """Save the PEFT adapter atomically (temporary directory, then rename)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=directory.parent))
+    tmp = make_temp_dir(".adapter-", directory.parent)
     try:
         model.save_pretrained(tmp)
+        apply_umask(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -300,12 +303,25 @@ def _member_dirs(run_dirs: list[Path]) -> list[Path]:
     return found
 
 
+def check_posteriors(session: Session, members: list[Path], rows: list[str]) -> None:
+    """Load every saved posterior the rows use, of every member, before any row is evaluated: a damaged file
+    or a run of another base model or LoRA setup fails at once."""
+    for member in members:
+        for name in sorted({ROWS[r].posterior for r in rows}):
+            if (member / "posteriors" / name).is_dir():
+                load_posterior(member / "posteriors" / name, model=session.model, expected_metadata=session.metadata)
+
+
 def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
     """(name, role, examples) for validation, the in-distribution test split and every shift set."""
-    cfg = session.cfg
+    return [("validation", "validation", session.validation), *eval_data(session.cfg)]
+
+
+def eval_data(cfg: RunConfig) -> list[tuple[str, str, list[MCQExample]]]:
+    """(name, role, examples) for the in-distribution test split and every shift set."""
     lim = cfg.eval.limit or None
     seed = EVAL_SUBSET_SEED
-    sets = [("validation", "validation", session.validation)]
+    sets = []
     if cfg.eval.test:
         name = cfg.eval.test
         sets.append((_display_name(name), "test", limit(resolve_dataset(name, "test"), lim, seed)))
@@ -402,6 +418,7 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     cfg = session.cfg
     members = _member_dirs(run_dirs)
     seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
+    check_posteriors(session, members, rows)
     sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
     memo: dict[tuple, tuple[dict[str, torch.Tensor], float, float | None]] = {}
     setting = cfg.swag.scale_setting
@@ -525,10 +542,17 @@ def check_run_format(run_dir: Path) -> None:
                              f"{__version__} understands ({RUN_FORMAT_VERSION}); upgrade swaglora")
 
 
-def save_config(cfg: RunConfig, run_dir: Path) -> None:
-    check_run_format(run_dir)
+def write_run_marker(run_dir: Path, **extra: Any) -> None:
+    """Mark ``run_dir`` as swaglora's (``swaglora_run.json``): only such a directory is written into again."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "swaglora_run.json", {"format_version": RUN_FORMAT_VERSION, "library_version": __version__})
+    atomic_write_json(run_dir / "swaglora_run.json",
+                      {"format_version": RUN_FORMAT_VERSION, "library_version": __version__, **extra})
+
+
+def save_config(cfg: RunConfig, run_dir: Path, data_sha256: dict[str, str] | None = None) -> None:
+    """Write config.json (refusing a different result-changing config) and the run marker with the sha256 of
+    every data file the run reads."""
+    check_run_format(run_dir)
     path = run_dir / "config.json"
     data = config_to_dict(cfg)
     if path.is_file():
@@ -540,6 +564,7 @@ def save_config(cfg: RunConfig, run_dir: Path) -> None:
             if any(not c.startswith("eval.") and c not in RESULT_NEUTRAL for c in changed):
                 raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
                                  "use another --out or --overwrite")
+    write_run_marker(run_dir, data_sha256=data_sha256 or {})
     atomic_write_json(path, data)
 
 
@@ -550,27 +575,45 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return config_from_dict(read_json(run_dir / "config.json"), source=str(run_dir / "config.json"))
 
 
-def table_rows(cfg: RunConfig) -> list[str]:
+def requested_rows(cfg: RunConfig) -> list[str]:
+    """zero-shot and the rows of ``--methods``, in order; an unknown name raises ValueError."""
     wanted = list(ROWS) if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
     rows = ["zero-shot"] + wanted
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"Unknown method {unknown[0]!r}. Available: {', '.join(ROWS)}")
     check_eval_split(cfg)  # every command that trains or evaluates a run asks for its rows first
-    if cfg.swag.epochs == 0:
-        rows = [r for r in rows if not ROWS[r].posterior.startswith("swag")]
-    if cfg.swag.members < 2:
-        rows = [r for r in rows if not ROWS[r].all_members]
     return list(dict.fromkeys(rows))
 
 
-def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False) -> list[dict]:
-    """The main job: train the members, evaluate every row on every set, write the results."""
+def row_unavailable(cfg: RunConfig, name: str) -> str | None:
+    """Why a table row cannot be built with these settings, or None."""
+    row = ROWS[name]
+    if cfg.swag.epochs == 0 and row.posterior.startswith("swag"):
+        return "needs SWAG epochs (--swag-epochs is 0)"
+    if cfg.swag.members < 2 and row.all_members:
+        return f"needs --members 2 or more (--members is {cfg.swag.members})"
+    return None
+
+
+def table_rows(cfg: RunConfig) -> list[str]:
+    """The rows of the results table: the requested ones these settings can build."""
+    return [r for r in requested_rows(cfg) if row_unavailable(cfg, r) is None]
+
+
+def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False,
+        plan: validate.Plan | None = None) -> list[dict]:
+    """The main job: train the members, evaluate every row on every set, write the results.
+
+    ``plan``: what :func:`swaglora.validate.preflight` returned for this job (checked here when None).
+    """
+    from . import validate
     from .distributed import current
 
     dist = current()
-    rows = table_rows(cfg)  # validate the method names before touching the run directory
-    prepare_run_dir(cfg, run_dir, overwrite)
+    plan = plan or validate.preflight(cfg, "run", run_dir, overwrite=overwrite)
+    rows = plan.rows
+    prepare_run_dir(cfg, run_dir, overwrite, plan.data_sha256)
     session = open_session(cfg)
     train_members(session, run_dir, list(range(cfg.swag.members)), rows, progress=progress)
     if not dist.is_main:  # under accelerate launch: training is data parallel, evaluation runs once
@@ -578,16 +621,28 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = 
     return evaluate_run(session, [run_dir], rows, run_dir, progress=progress)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, overwrite: bool) -> None:
-    """``--overwrite`` and the config file, done by the main process only (others wait for it)."""
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, overwrite: bool, data_sha256: dict[str, str] | None = None) -> None:
+    """``--overwrite`` and the config file, done by the main process only (others wait for it).
+
+    Only a directory carrying the run marker is ever deleted or written into (:func:`validate.check_out_dir`).
+    """
     from .distributed import current
+    from .validate import check_out_dir
 
     dist = current()
     if dist.is_main:
+        check_out_dir(run_dir, overwrite)
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, data_sha256)
     dist.wait()
+
+
+def base_examples(cfg: RunConfig) -> list[MCQExample]:
+    """The examples a zero-shot ``evaluate`` scores: ``--data``, or ``--task`` at ``--split``."""
+    spec = cfg.data.data or cfg.data.task
+    split = cfg.eval.split if cfg.data.data or cfg.eval.split != "test" else task_splits(cfg.data.task).test
+    return limit(resolve_dataset(spec, split), cfg.eval.limit or None, EVAL_SUBSET_SEED)
 
 
 def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> list[dict]:
@@ -595,8 +650,7 @@ def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> lis
     writes ``out_dir/metrics.json`` and ``out_dir/predictions.jsonl``."""
     cfg = session.cfg
     spec = cfg.data.data or cfg.data.task
-    split = cfg.eval.split if cfg.data.data or cfg.eval.split != "test" else task_splits(cfg.data.task).test
-    examples = limit(resolve_dataset(spec, split), cfg.eval.limit or None, EVAL_SUBSET_SEED)
+    examples = base_examples(cfg)
     thetas = [{k: v.detach().clone() for k, v in trainable_parameters(session.model).items()}]
     logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
     info = {"method": "zero-shot", "eval_set": spec, "role": "test", "n_samples": 1, "n_members": 1, "scale": None,

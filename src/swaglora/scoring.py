@@ -56,6 +56,8 @@ class Encoded:
     pred_choice: list[int]  # cloze: which choice (0-based) that token belongs to
     n_choices: int
     label: int
+    question_cut: int = 0  # tokens dropped from the start of the question (prompt) to fit max_length
+    choices_cut: int = 0  # cloze: choices cut to their first MAX_CHOICE_TOKENS tokens
 
 
 @dataclass
@@ -154,25 +156,31 @@ class Scorer:
                     for ex in todo
                 ]
                 q_ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
-                for ex, q in zip(todo, q_ids):
-                    self._encoded[key(ex)] = self._pack(ex, q, [])
+                heads = self.tokenizer([f"Question: {ex.question}\n" for ex in todo], add_special_tokens=False).input_ids
+                for ex, q, head in zip(todo, q_ids, heads):  # the choices and "Answer:" are never cut
+                    self._encoded[key(ex)] = self._pack(ex, q, [], keep=max(0, len(q) - len(head)))
             else:
                 q_ids = self.tokenizer([f"Question: {ex.question}\nAnswer:" for ex in todo], add_special_tokens=False).input_ids
                 flat = [f" {c}" for ex in todo for c in ex.choices]
                 c_ids = self.tokenizer(flat, add_special_tokens=False).input_ids
                 at = 0
                 for ex, q in zip(todo, q_ids):
-                    choices = [c[:MAX_CHOICE_TOKENS] for c in c_ids[at : at + ex.n_choices]]
+                    full = c_ids[at : at + ex.n_choices]
                     at += ex.n_choices
-                    self._encoded[key(ex)] = self._pack(ex, q, choices)
+                    encoded = self._pack(ex, q, [c[:MAX_CHOICE_TOKENS] for c in full])
+                    encoded.choices_cut = sum(len(c) > MAX_CHOICE_TOKENS for c in full)
+                    self._encoded[key(ex)] = encoded
         return [self._encoded[key(ex)] for ex in examples]
 
-    def _pack(self, ex: MCQExample, question: list[int], choices: list[list[int]]) -> Encoded:
+    def _pack(self, ex: MCQExample, question: list[int], choices: list[list[int]], keep: int = 0) -> Encoded:
+        """``keep``: tokens at the end of ``question`` that must not be cut (letter scoring: the choices)."""
         if any(len(c) == 0 for c in choices):
             raise ModelError(f"example {ex.id!r}: a choice tokenizes to nothing")
+        fixed = sum(len(c) for c in choices) + keep
         budget = self.max_length - len(self.prefix_ids) - sum(len(c) for c in choices)
-        if budget < 1:
-            raise ModelError(f"example {ex.id!r}: its choices alone exceed max_length={self.max_length} tokens")
+        if budget < keep + 1:
+            raise ModelError(f"question {ex.id!r}: its choices alone take {fixed} tokens, "
+                             f"more than --max-length {self.max_length} allows; raise --max-length")
         q = self.prefix_ids + question[-budget:]  # keep the end of the question, next to "Answer:"
         ids, pos, seg = list(q), list(range(len(q))), [0] * len(q)
         pred_pos, pred_tok, pred_choice = [], [], []
@@ -187,7 +195,8 @@ class Scorer:
             ids += c
             pos += range(len(q), len(q) + len(c))
             seg += [i + 1] * len(c)
-        return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, ex.answer_index)
+        return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, ex.answer_index,
+                       question_cut=max(0, len(question) - budget))
 
     def collate(self, encoded: list[Encoded], keys: list[tuple] | None = None) -> Batch:
         """Pad to the longest sequence in the batch (dynamic padding) and build the packed attention mask."""

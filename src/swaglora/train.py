@@ -280,8 +280,10 @@ class _Loop:
             for i in range(self.batch, len(batches)):
                 loss, stop = self._forward_backward(batches[i], accum)
                 if not math.isfinite(loss):
+                    steps = checkpoint.steps(self.checkpoint_dir) if self.checkpoint_dir is not None else []
+                    kept = f"the checkpoint of step {steps[0]} is kept" if steps else "no checkpoint was written"
                     raise FloatingPointError(f"non-finite loss {loss} at optimiser step {self.step + 1} (epoch {epoch + 1}); "
-                                             "the last checkpoint is kept (lower the learning rate?)")
+                                             f"{kept} (lower the learning rate?)")
                 self.running += loss
                 self.seen += len(batches[i])
                 bar.update(1)

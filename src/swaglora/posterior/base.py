@@ -227,7 +227,7 @@ def load_posterior(
     for label, saved, expected in (("metadata", config.get("metadata", {}), expected_metadata), ("hparams", config.get("hparams", {}), expected_hparams)):
         problems = _differences(saved, expected) if expected else []
         if problems:
-            raise ValueError(f"{config_path}: saved {label} differ from expected:\n  " + "\n  ".join(problems))
+            raise ValueError(f"{config_path}: saved {label} differ from expected: " + "; ".join(problems))
     tensors, header = load_safetensors(directory / TENSORS_NAME, with_metadata=True)
     if header.get("save_id") != config.get("save_id"):
         raise ValueError(f"{directory}: {TENSORS_NAME} and {CONFIG_NAME} come from different saves (interrupted save?)")
