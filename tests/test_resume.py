@@ -31,7 +31,7 @@ MAP_STEPS = 2 * STEPS_PER_EPOCH
 def _args(model_dir: Path, data: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--out", str(run), "--model", str(model_dir), "--scoring", "cloze", "--data", str(data),
             "--epochs", "2", "--swag-epochs", "2", "--swag-every", "2", "--members", "1", "--batch-size", "4",
-            "--lora-r", "2", "--lora-layers", "top:1", "--threads", "1", "--quiet", *extra]
+            "--lora-r", "2", "--lora-layers", "top:1", "--threads", "1", "--dtype", "float32", "--quiet", *extra]
 
 
 def _slow(delay: float, progress: Path | None = None) -> list[str]:
