@@ -74,13 +74,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     """Map a dtype name to torch. ``auto`` = ``$SWAGLORA_AUTO_DTYPE`` when set; else bf16 on a GPU that supports
     it; on CPU, bf16 only if a quick measurement on this machine shows it faster (AVX-512-bf16/AMX: ~2x faster;
     AVX2-only: 8-30x slower)."""
+    pinned = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if pinned not in ("", "float32", "bfloat16"):  # checked whatever --dtype says: a typo never waits for `auto`
+        raise ConfigError(f"{AUTO_DTYPE_ENV}={pinned!r} is not a dtype --dtype auto can take: use float32 or bfloat16 "
+                          "(or unset it to decide by this machine)")
     if name != "auto":
         return _DTYPES[name]
-    pinned = os.environ.get(AUTO_DTYPE_ENV, "").strip()
     if pinned:
-        if pinned not in ("float32", "bfloat16"):
-            raise ConfigError(f"{AUTO_DTYPE_ENV}={pinned!r} is not a dtype --dtype auto can take: use float32 or bfloat16 "
-                              "(or unset it to decide by this machine)")
         return _DTYPES[pinned]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

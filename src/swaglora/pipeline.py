@@ -35,7 +35,7 @@ from .config import RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
 from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import atomic_write_json, atomic_write_text, read_json
-from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
+from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint, runtime_info
 from .params import trainable_parameters, use_params
 from .posterior import Posterior, get_method, load_posterior
 from .predict import predict_logits, predict_logits_linearized
@@ -482,7 +482,8 @@ def check_run_format(run_dir: Path) -> None:
 def save_config(cfg: RunConfig, run_dir: Path) -> None:
     check_run_format(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "swaglora_run.json", {"format_version": RUN_FORMAT_VERSION, "library_version": __version__})
+    atomic_write_json(run_dir / "swaglora_run.json", {"format_version": RUN_FORMAT_VERSION, "library_version": __version__,
+                                                      "runtime": runtime_info(cfg.model)})
     path = run_dir / "config.json"
     data = config_to_dict(cfg)
     if path.is_file():
