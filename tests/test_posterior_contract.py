@@ -57,6 +57,7 @@ def build(name: str, model, scorer, examples):
     return posterior
 
 
+@pytest.mark.bf16
 @pytest.mark.parametrize("name", method_names())
 def test_contract(name, setup, tmp_path):
     model, scorer, examples = setup
