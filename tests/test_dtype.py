@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from swaglora.config import ConfigError, LoraSettings, ModelConfig
 from swaglora.data import MCQExample
 from swaglora.models import AUTO_DTYPE_ENV, SIMD_FLAGS, add_lora, load_model, resolve_dtype, runtime_info
 from swaglora.params import trainable_parameters
+from swaglora.report import collect_results
 from swaglora.scoring import Scorer
 
 from conftest import make_examples, write_jsonl
@@ -148,3 +150,13 @@ def test_a_run_records_prints_and_reports_its_dtype(tmp_path, tiny_model_dir, ca
     monkeypatch.setenv(AUTO_DTYPE_ENV, other)
     assert main(args) == 0  # finished member kept, the config unchanged: the runtime is a fact, not a setting
     assert json.loads((run / "swaglora_run.json").read_text())["runtime"]["dtype"] == other
+
+    # seeds computed in different dtypes: the report says so
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    marker = json.loads((copy / "swaglora_run.json").read_text())
+    marker["runtime"]["dtype"] = pinned
+    (copy / "swaglora_run.json").write_text(json.dumps(marker))
+    notes = collect_results([run, copy])["notes"]
+    assert f"The runs computed in different dtypes ({', '.join(sorted([pinned, other]))})" in " ".join(notes)
+    assert not any("dtypes" in n for n in collect_results([run, run])["notes"])
