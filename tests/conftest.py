@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from swaglora.models import EMBEDDED_MODELS, cache_dir
+from swaglora.models import AUTO_DTYPE_ENV, EMBEDDED_MODELS, cache_dir
+
+# `--dtype auto` must not depend on this machine's CPU (it takes bf16 where bf16 matmul is faster): the suite runs it
+# as float32, in this process and in the subprocesses it starts. The bf16 pass of .ci/run sets the variable itself.
+if not os.environ.get(AUTO_DTYPE_ENV):
+    os.environ[AUTO_DTYPE_ENV] = "float32"
 
 
 def smollm2_tokenizer():

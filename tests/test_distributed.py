@@ -2,7 +2,7 @@
 
 Each process takes half of every global batch (the last batch of an epoch, 3 examples, splits 1 + 2, so the
 loss weighting of unequal shards is exercised too) and gradients are averaged before each step. With LoRA
-dropout 0 the only difference to one process is the order of floating-point sums: equal within 1e-5.
+dropout 0 the only difference to one process is the order of floating-point sums: equal within 1e-5 in fp32.
 
 ``accelerate launch --cpu --num_processes 2`` starts a single process unless ``mpirun`` is used; on a machine
 without CUDA ``--multi_gpu`` starts the processes (torchrun) and swaglora then runs them on CPU with gloo.
@@ -34,7 +34,7 @@ def _args(model_dir: Path, data: Path, run: Path) -> list[str]:
     return ["train", "--out", str(run), "--model", str(model_dir), "--scoring", "cloze", "--data", str(data),
             "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--members", "1", "--batch-size", "4",
             "--lora-r", "2", "--lora-layers", "top:1", "--lora-dropout", "0", "--threads", "1", "--quiet",
-            "--checkpoint-every", "5"]
+            "--checkpoint-every", "5", "--dtype", "float32"]
 
 
 def _free_port() -> int:

@@ -43,6 +43,7 @@ def recompute(pred_file: Path) -> dict:
     return metrics.summarize(probs, labels)
 
 
+@pytest.mark.bf16
 @pytest.mark.parametrize("scoring", ["cloze", "letter"])
 def test_train_then_evaluate(tmp_path, tiny_model_dir, data_files, scoring):
     run = tmp_path / "run"
@@ -77,6 +78,7 @@ def test_train_then_evaluate(tmp_path, tiny_model_dir, data_files, scoring):
     assert all(r["mutual_information"] == 0.0 for r in swa)  # one draw: no epistemic part
 
 
+@pytest.mark.bf16
 def test_training_changes_the_model_and_is_reproducible(tmp_path, tiny_model_dir, data_files):
     args = _common(tiny_model_dir, data_files)
     assert main(["train", "--out", str(tmp_path / "a"), *args, "--members", "1"]) == 0
@@ -132,6 +134,7 @@ def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_pat
     assert json.loads((run / "eval" / "test" / "swag" / "metrics.json").read_text())["scale"] == choice["chosen"]
 
 
+@pytest.mark.bf16
 def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_model_dir, data_files):
     from swaglora.pipeline import ROWS
 

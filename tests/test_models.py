@@ -60,8 +60,8 @@ def test_embedded_model_cache_is_atomic_and_exact(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "models").iterdir()) == []
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", real_load)
 
-    # 2. the real first run writes the cache; the second one reads it
-    lm = load_model(ModelConfig())
+    # 2. the real first run writes the cache; the second one reads it (fp32, as the GGUF reference: exact)
+    lm = load_model(ModelConfig(dtype="float32"))
     assert (target / "model.safetensors").is_file() and (target / "swaglora_cache.json").is_file()
     folder, filename = models._embedded_path("smollm2-135m")
     gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
@@ -69,7 +69,7 @@ def test_embedded_model_cache_is_atomic_and_exact(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(lm.model(input_ids=ids).logits, gguf(input_ids=ids).logits)
     stamp = (target / "model.safetensors").stat().st_mtime_ns
-    again = load_model(ModelConfig())
+    again = load_model(ModelConfig(dtype="float32"))
     assert (target / "model.safetensors").stat().st_mtime_ns == stamp
     assert lm.scoring == again.scoring == "cloze"  # the embedded model's default: it cannot bind answer letters
     assert again.model.config.num_hidden_layers == 30

@@ -16,14 +16,18 @@ from swaglora.scoring import Scorer
 from conftest import make_examples
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir):
-    lm = load_model(ModelConfig(name=str(tiny_model_dir)))
+def _setup(model_dir, dtype: str, scoring: str = "cloze"):
+    lm = load_model(ModelConfig(name=str(model_dir), dtype=dtype))
     model = add_lora(lm.model, LoraSettings(r=2, targets="q_proj,v_proj", layers="all", dropout=0.2), seed=0)
-    scorer = Scorer(model, lm.tokenizer, "cloze")
+    scorer = Scorer(model, lm.tokenizer, scoring)
     examples = [MCQExample(r["id"], r["question"], tuple(r["choices"]), tuple(r["labels"]), r["answer"])
                 for r in make_examples(8, 5)]
     return model, scorer, examples
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    return _setup(tiny_model_dir, "auto")
 
 
 def build(name: str, model, scorer, examples):
@@ -53,6 +57,7 @@ def build(name: str, model, scorer, examples):
     return posterior
 
 
+@pytest.mark.bf16
 @pytest.mark.parametrize("name", method_names())
 def test_contract(name, setup, tmp_path):
     model, scorer, examples = setup
@@ -85,3 +90,20 @@ def test_contract(name, setup, tmp_path):
     else:
         with pytest.raises(ValueError, match="no linearised predictive"):
             predict_probs(scorer, examples, loaded, n_samples=2, generator=torch.Generator().manual_seed(1), linearized=True)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_moments_stay_fp32_under_a_bf16_model(name, tiny_model_dir):
+    """Mixed precision: the frozen model computes in bf16, the trainable weights (LoRA, letter head) and every
+    posterior's state stay fp32, so a snapshot or a draw is never rounded to 8 significant bits."""
+    model, scorer, examples = _setup(tiny_model_dir, "bfloat16", scoring="letter")
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    params = trainable_parameters(model)
+    assert any("letter_head" in k for k in params) and {p.dtype for p in params.values()} == {torch.float32}
+    posterior = build(name, model, scorer, examples)
+    state = posterior.state_dict()
+    moments = {k: v.dtype for k, v in state.items() if v.is_floating_point() and v.dim() > 0}
+    assert set(moments.values()) == {torch.float32}, moments  # (scalars such as Laplace's log-likelihood are fp64)
+    assert all(v.dtype in (torch.float32, torch.float64) for v in state.values() if v.is_floating_point())
+    draws = posterior.draws(2, generator=torch.Generator().manual_seed(0))
+    assert {v.dtype for d in draws for v in d.values()} == {torch.float32}

@@ -1,7 +1,8 @@
 """Runs that survive: kill -9, Ctrl-C, a crash while checkpointing or a NaN, then rerun the same command.
 
 Every resumed run must end with the same MAP posterior, SWAG state, adapter and training log as an
-uninterrupted run, bitwise (CPU, fp32, one thread; LoRA dropout 0.1, so the dropout RNG must be restored too).
+uninterrupted run, bitwise (CPU, one thread; LoRA dropout 0.1, so the dropout RNG must be restored too), in the
+dtype ``auto`` takes: fp32 in ``make test``, bf16 in its bf16 pass (one test, marked).
 The interrupted runs are real ``python -m swaglora train`` processes; to make sure the signal lands in the
 phase under test they sleep a little per optimiser step (``lr_at`` wrapped in the child, nothing else changed).
 """
@@ -149,6 +150,7 @@ def test_kill_during_map_phase_resumes_bitwise(tmp_path, tiny_model_dir, data, r
     assert_same_as_reference(run, reference)
 
 
+@pytest.mark.bf16
 def test_kill_during_swag_collection_resumes_bitwise(tmp_path, tiny_model_dir, data, reference):
     run = tmp_path / "run"
     args = _args(tiny_model_dir, data, run, "--checkpoint-every", "1")

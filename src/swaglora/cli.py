@@ -146,11 +146,26 @@ def _report(run_dirs: list[Path], out: Path | None, abstain_risk: float | None =
 
 
 def _print_choice(cfg: RunConfig) -> None:
-    from .models import DEFAULT_SCORING
+    from .models import DEFAULT_SCORING, runtime_info
 
     scoring = cfg.model.scoring if cfg.model.scoring != "auto" else DEFAULT_SCORING.get(cfg.model.name, "letter")
     why = "" if cfg.model.scoring != "auto" else " (this model's default; --scoring letter|cloze to change)"
-    print(f"model {cfg.model.name}, scoring {scoring}{why}, task {cfg.data.data or cfg.data.task}", file=sys.stderr)
+    runtime = runtime_info(cfg.model)
+    print(f"model {cfg.model.name}, scoring {scoring}{why}, dtype {runtime['dtype']} on {runtime['device']}"
+          f"{_dtype_reason(runtime)}, task {cfg.data.data or cfg.data.task}", file=sys.stderr)
+
+
+def _dtype_reason(runtime: dict) -> str:
+    """Why ``--dtype auto`` took what it took (empty when --dtype named one)."""
+    from .models import AUTO_DTYPE_ENV
+
+    if runtime["dtype_setting"] != "auto":
+        return ""
+    if runtime["auto_dtype_env"]:
+        return f" (auto, pinned by {AUTO_DTYPE_ENV})"
+    speed = runtime["bf16_speedup"]
+    measured = f": bf16 matmul runs at {speed:.2f}x fp32's speed on this CPU" if speed is not None else ""
+    return f" (auto{measured}; {AUTO_DTYPE_ENV}=float32|bfloat16 pins it)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +269,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     runs = [Path(r) for r in args.run]
     if runs:
         cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
+        _print_choice(cfg)
         out = Path(args.out) if args.out else runs[0]
         plan = validate.preflight(cfg, "evaluate", out, runs=runs)
         validate.claim_dir(out)

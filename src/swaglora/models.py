@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoraSettings, ModelConfig
+from .config import ConfigError, LoraSettings, ModelConfig
 from .io import make_temp_dir
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "model_fingerprint",
     "resolve_dtype",
     "resolve_device",
+    "runtime_info",
+    "AUTO_DTYPE_ENV",
 ]
 
 #: Short names of models that ship inside a Python package (no download needed).
@@ -63,14 +65,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SWAGLORA_CACHE", Path.home() / ".cache" / "swaglora"))
 
 
+#: Environment variable that pins what ``--dtype auto`` resolves to (``float32`` or ``bfloat16``), so tests and
+#: comparisons do not depend on the CPU; unset or empty: decide by the device (see ``resolve_dtype``).
+AUTO_DTYPE_ENV = "SWAGLORA_AUTO_DTYPE"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    """Map a dtype name to torch. ``auto`` = bf16 on a GPU that supports it; on CPU, bf16 only if a quick
-    measurement on this machine shows it faster (AVX-512-bf16/AMX: ~2x faster; AVX2-only: 8-30x slower)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if bf16_speedup_on_cpu() > 1.2 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    """Map a dtype name to torch. ``auto`` = ``$SWAGLORA_AUTO_DTYPE`` when set; else bf16 on a GPU that supports
+    it; on CPU, bf16 only if a quick measurement on this machine shows it faster (AVX-512-bf16/AMX: ~2x faster;
+    AVX2-only: 8-30x slower)."""
+    pinned = os.environ.get(AUTO_DTYPE_ENV, "").strip()
+    if pinned not in ("", "float32", "bfloat16"):  # checked whatever --dtype says: a typo never waits for `auto`
+        raise ConfigError(f"{AUTO_DTYPE_ENV}={pinned!r} is not a dtype --dtype auto can take: use float32 or bfloat16 "
+                          "(or unset it to decide by this machine)")
+    if name != "auto":
+        return _DTYPES[name]
+    if pinned:
+        return _DTYPES[pinned]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if bf16_speedup_on_cpu() > 1.2 else torch.float32
 
 
 _BF16_SPEEDUP: float | None = None
@@ -96,6 +111,39 @@ def bf16_speedup_on_cpu() -> float:
                 break
         _BF16_SPEEDUP = times[torch.float32] / times[torch.bfloat16]
     return _BF16_SPEEDUP
+
+
+#: CPU features that decide how fast each dtype's matmul runs (x86 ``flags``, Arm ``Features`` of /proc/cpuinfo).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+              "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def _cpuinfo() -> tuple[str | None, list[str]]:
+    """(CPU model name, its SIMD flags among ``SIMD_FLAGS``) from /proc/cpuinfo; (None, []) where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, []
+    name, flags = None, set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if sep and key in ("flags", "Features"):
+            flags.update(value.split())
+        elif sep and key == "model name" and name is None:
+            name = value.strip()
+    return name, [f for f in SIMD_FLAGS if f in flags]
+
+
+def runtime_info(cfg: ModelConfig) -> dict:
+    """What decides a run's numbers besides its config: the resolved dtype and device, the CPU and its SIMD flags,
+    the torch version, and bf16's measured speed-up over fp32 on this CPU when ``auto`` measured it."""
+    dtype = resolve_dtype(cfg.dtype)
+    cpu, flags = _cpuinfo()
+    return {"dtype": str(dtype).removeprefix("torch."), "dtype_setting": cfg.dtype,
+            "auto_dtype_env": os.environ.get(AUTO_DTYPE_ENV, "").strip() or None,
+            "device": str(resolve_device(cfg.device)), "cpu": cpu, "cpu_flags": flags, "torch": torch.__version__,
+            "bf16_speedup": None if _BF16_SPEEDUP is None else round(_BF16_SPEEDUP, 2)}
 
 
 def resolve_device(name: str) -> torch.device:

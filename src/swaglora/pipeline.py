@@ -35,7 +35,7 @@ from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
 from .calibration import apply_temperature, fit_temperature
 from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
 from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
-from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
+from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint, runtime_info
 from .params import trainable_parameters, use_params
 from .posterior import Posterior, get_method, load_posterior
 from .predict import predict_logits, predict_logits_linearized
@@ -564,7 +564,7 @@ def save_config(cfg: RunConfig, run_dir: Path, data_sha256: dict[str, str] | Non
             if any(not c.startswith("eval.") and c not in RESULT_NEUTRAL for c in changed):
                 raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
                                  "use another --out or --overwrite")
-    write_run_marker(run_dir, data_sha256=data_sha256 or {})
+    write_run_marker(run_dir, data_sha256=data_sha256 or {}, runtime=runtime_info(cfg.model))
     atomic_write_json(path, data)
 
 

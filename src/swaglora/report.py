@@ -3,6 +3,7 @@
 Input (written by the evaluation pipeline, one ``RUN`` directory per seed)::
 
     RUN/config.json                                # run configuration; train.seed is the seed
+    RUN/swaglora_run.json                          # "runtime": dtype, device, CPU SIMD flags, torch
     RUN/eval/<set_dir>/<method>/metrics.json       # accuracy, ece, nll, brier, n, method,
                                                    # eval_set, role, n_samples, scale, seconds, seed
     RUN/eval/<set_dir>/<method>/predictions.jsonl  # id, question, probs, labels, answer, prediction,
@@ -158,6 +159,7 @@ class _Run:
     seed: int
     entries: dict[tuple[str, str], _Entry] = field(default_factory=dict)  # (eval_set, method)
     config: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] | None = None  # swaglora_run.json's dtype, device, CPU flags, torch version
 
 
 _PRED_FIELDS = ("probs", "confidence", "correct", "total_entropy", "expected_entropy", "mutual_information")
@@ -205,7 +207,9 @@ def _load_run(run_dir: Path, index: int, notes: list[str]) -> _Run:
     config: dict[str, Any] = {}
     if (run_dir / "config.json").is_file():
         config = read_json(run_dir / "config.json")
-    run = _Run(path=run_dir, seed=index, config=config)
+    marker = run_dir / "swaglora_run.json"
+    runtime = read_json(marker).get("runtime") if marker.is_file() else None
+    run = _Run(path=run_dir, seed=index, config=config, runtime=runtime)
     seed = (config.get("train") or {}).get("seed") if isinstance(config, dict) else None
     for mf in metric_files:
         m = read_json(mf)
@@ -261,7 +265,7 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
 
     Returns:
         A JSON-serialisable dict (except the private ``"_raw"`` key holding the loaded
-        predictions for the figures) with ``runs``, ``seeds``, ``methods``,
+        predictions for the figures) with ``runs``, ``runtime`` (per run, ``None`` if not recorded), ``seeds``, ``methods``,
         ``eval_sets``, ``sets`` (role, n), ``n_samples``, ``reference_test_set``,
         ``validation_set``, ``metrics[method][eval_set][metric]`` =
         ``{mean, std, n_seeds, values, seeds}``, ``uncertain_questions``, ``notes``,
@@ -281,6 +285,10 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
     seeds = [r.seed for r in runs]
     if len(set(seeds)) < len(seeds):
         notes.append(f"Several runs share a seed ({seeds}); they are still treated as separate runs.")
+    dtypes = sorted({r.runtime.get("dtype") for r in runs if r.runtime})
+    if len(dtypes) > 1:
+        notes.append(f"The runs computed in different dtypes ({', '.join(map(str, dtypes))}): the spread over seeds "
+                     "includes the dtype's effect (see Run environment).")
 
     # sets and roles, methods
     roles: dict[str, str] = {}
@@ -359,6 +367,7 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
 
     results: dict[str, Any] = {
         "runs": [str(r.path) for r in runs],
+        "runtime": [r.runtime for r in runs],
         "seeds": seeds,
         "methods": methods,
         "eval_sets": eval_sets,
@@ -622,6 +631,21 @@ def _truncate(text: Any, n: int = QUESTION_CHARS) -> str:
     return text if len(text) <= n else text[: n - 1].rstrip() + "…"
 
 
+def _environment(results: dict[str, Any]) -> list[str]:
+    """The "Run environment" section: what each run computed in, besides its config (swaglora_run.json)."""
+    rows = []
+    for path, seed, rt in zip(results["runs"], results["seeds"], results["runtime"]):
+        if not rt:
+            rows.append([f"`{_md_escape(path)}`", str(seed)] + ["not recorded"] + [""] * 4)
+            continue
+        speed = rt.get("bf16_speedup")
+        rows.append([f"`{_md_escape(path)}`", str(seed), _md_escape(rt.get("dtype")), _md_escape(rt.get("device")),
+                     _md_escape(rt.get("torch")), _md_escape(" ".join(rt.get("cpu_flags") or []) or "—"),
+                     "" if speed is None else f"{speed:.2f}x"])
+    return ["## Run environment", ""] + _md_table(
+        ["Run", "Seed", "dtype", "Device", "torch", "CPU SIMD flags", "bf16 / fp32 speed"], rows, left=6)
+
+
 def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
     sets, roles = results["eval_sets"], {s: results["sets"][s]["role"] for s in results["eval_sets"]}
     main_sets = [s for s in sets if roles[s] in ("test", "shift")]
@@ -638,6 +662,7 @@ def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
              "several seeds, `n/a` for a missing/undefined value, `—` when the method has no "
              "result on that set. Full-precision values are in `results.csv` / `results.json`.")
     L.append("")
+    L += _environment(results)
     if results["notes"]:
         L += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in results["notes"]] + [""]
 

@@ -81,12 +81,16 @@ class Batch:
 
 
 class LetterHead(nn.Module):
-    """``26 x hidden`` output head over the answer letters, initialised from the LM head rows."""
+    """``26 x hidden`` output head over the answer letters, initialised from the LM head rows.
+
+    Its weight is float32 whatever the model's dtype (mixed precision: a bf16 weight would lose every
+    optimiser update below half a bf16 ULP, ~1e-4 at its magnitude); it takes float32 hidden states."""
 
     def __init__(self, lm_head_weight: torch.Tensor, letter_ids: list[int], trainable: bool) -> None:
         super().__init__()
         self.token_ids = list(letter_ids)
-        self.weight = nn.Parameter(lm_head_weight[letter_ids].detach().clone(), requires_grad=trainable)
+        weight = lm_head_weight[letter_ids].detach().to(torch.float32, copy=True)  # fp32 under a bf16 model
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
         self.register_buffer("initial_weight", self.weight.detach().clone(), persistent=False)
 
     def prior_mean(self) -> dict[str, torch.Tensor]:
@@ -268,7 +272,7 @@ class Scorer:
         if self.mode == "letter":
             # inference-time economy: only the last position, and only the answer-letter rows of the head
             last = hidden[torch.arange(batch.size, device=hidden.device), batch.lengths - 1]
-            logits = self.letter_head(self.parts.norm(last))[:, :c].float()
+            logits = self.letter_head(self.parts.norm(last).to(self.letter_head.weight.dtype))[:, :c]
         else:
             h = self.parts.norm(hidden[batch.pred_batch, batch.pred_pos])
             logp = torch.log_softmax(self.parts.lm_head(h).float(), dim=-1)
