@@ -89,7 +89,8 @@ class LetterHead(nn.Module):
     def __init__(self, lm_head_weight: torch.Tensor, letter_ids: list[int], trainable: bool) -> None:
         super().__init__()
         self.token_ids = list(letter_ids)
-        weight = lm_head_weight[letter_ids].detach().to(torch.float32, copy=True)  # fp32 under a bf16 model
+        dtype = torch.promote_types(lm_head_weight.dtype, torch.float32)  # at least fp32: fp32 under a bf16 model
+        weight = lm_head_weight[letter_ids].detach().to(dtype, copy=True)
         self.weight = nn.Parameter(weight, requires_grad=trainable)
         self.register_buffer("initial_weight", self.weight.detach().clone(), persistent=False)
 
