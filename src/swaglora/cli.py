@@ -146,6 +146,7 @@ def _report(run_dirs: list[Path], out: Path | None, abstain_risk: float | None =
 
 
 def _print_choice(cfg: RunConfig) -> None:
+    """The model, scoring, dtype and task a command will use (after preflight has validated them)."""
     from .models import DEFAULT_SCORING, runtime_info
 
     scoring = cfg.model.scoring if cfg.model.scoring != "auto" else DEFAULT_SCORING.get(cfg.model.name, "letter")
@@ -235,11 +236,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         validate.check_abstain_risk(args.abstain_risk)
         cfg = resolve_config(args)
-        _print_choice(cfg)
         seeds = validate.parse_seeds(args.seeds)
         out = validate.check_out_dir(args.out, args.overwrite)
         jobs = [(apply_overrides(cfg, {"train.seed": s}), out / f"seed-{s}") for s in seeds] or [(cfg, out)]
         plans = [validate.preflight(c, "run", d, overwrite=args.overwrite) for c, d in jobs]  # all before any work
+        _print_choice(cfg)
         if seeds and _is_main():
             validate.claim_dir(out)  # the parent of the seed runs holds their report
         for (job_cfg, run_dir), plan in zip(jobs, plans):
@@ -249,10 +250,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         cfg = resolve_config(args)
-        _print_choice(cfg)
         out = Path(args.out)
         members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
         plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members)
+        _print_choice(cfg)
         pipeline.prepare_run_dir(cfg, out, args.overwrite, plan.data_sha256)
         session = pipeline.open_session(cfg)
         pipeline.train_members(session, out, members, plan.rows, progress=progress)
@@ -269,9 +270,9 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     runs = [Path(r) for r in args.run]
     if runs:
         cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
-        _print_choice(cfg)
         out = Path(args.out) if args.out else runs[0]
         plan = validate.preflight(cfg, "evaluate", out, runs=runs)
+        _print_choice(cfg)
         validate.claim_dir(out)
         session = pipeline.open_session(cfg)
         pipeline.evaluate_run(session, runs, plan.rows, out, progress=progress)
@@ -281,9 +282,9 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     if not args.out:
         raise ConfigError("evaluate needs --out DIR (and --model/--data or --task), or --run RUN_DIR")
     cfg = resolve_config(args)
-    _print_choice(cfg)
     out = Path(args.out)
     validate.preflight(cfg, "zero-shot", out)
+    _print_choice(cfg)
     validate.claim_dir(out)
     session = pipeline.open_session(cfg, with_data=False)
     results = pipeline.evaluate_base(session, out, progress=progress)

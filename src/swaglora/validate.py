@@ -22,7 +22,7 @@ from . import pipeline
 from .config import ConfigError, ModelConfig, RunConfig
 from .data import MCQExample
 from .io import read_json
-from .models import DEFAULT_SCORING, EMBEDDED_MODELS, ModelError, decoder_parts, model_source
+from .models import DEFAULT_SCORING, EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype
 
 __all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "is_run_dir",
            "parse_seeds", "preflight", "warn"]
@@ -283,6 +283,7 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     written; prints warnings for requests that will be partly ignored.
     """
     check_device(cfg.model.device)
+    resolve_dtype(cfg.model.dtype)  # a bad SWAGLORA_AUTO_DTYPE pin is one line, here
     check_out_dir(out, overwrite)
     _check_members(members, cfg.swag.members)
     if command == "zero-shot":
