@@ -340,6 +340,13 @@ def test_print_table(built):
     assert R.format_cell(st) in text and " ± " in R.format_cell(st)
     for s, _ in SETS:
         assert sum(1 for line in lines if line.startswith(s + " ")) == len(METHODS)
+    # the intervals beside the table: set sizes, and ACC / NLL intervals with the difference to MAP
+    assert f"arc_easy: {N} questions; 95% intervals over the questions" in text
+    swag = next(d for d in results["intervals"][0]["methods"] if d["method"] == "swag")
+    acc, dnll = swag["accuracy"], swag["nll_diff"]
+    expected = (f"ACC {acc['value']:.4f} [{acc['lo']:.4f}, {acc['hi']:.4f}]" + (" *" if acc.get("significant") else ""),
+                f"ΔNLL {dnll['value']:+.4f} [{dnll['lo']:.4f}, {dnll['hi']:.4f}]" + (" *" if dnll["significant"] else ""))
+    assert any(line.startswith("  swag ") and all(e in line for e in expected) for line in lines)
 
 
 def test_empty_run_dir_error(tmp_path):

@@ -898,4 +898,12 @@ def print_table(results: dict[str, Any]) -> str:
         out.append(line(r))
         prev = r[0]
     out.append(f"({n} seed{'s' if n != 1 else ''}; mean ± sample std when several)")
+    for block in results.get("intervals") or []:
+        out += ["", f"{block['eval_set']}: {block['n']} questions; {round(block['level'] * 100)}% intervals over "
+                    f"the questions (bootstrap, paired" + (", Δ = method − MAP" if block["reference"] else "") + ")"]
+        for d in block["methods"]:
+            cells = [f"{METRIC_LABELS[k]} {_interval_cell(d[k])}" for k in ("accuracy", "nll")]
+            cells += [f"Δ{METRIC_LABELS[k]} {_interval_cell(d[f'{k}_diff'], signed=True)}"
+                      for k in ("accuracy", "nll") if f"{k}_diff" in d]
+            out.append(f"  {d['method']:<{max(len(m) for m in methods)}}  " + "  ".join(cells))
     return "\n".join(out)
