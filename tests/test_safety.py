@@ -161,7 +161,7 @@ BAD_RUN_INPUT = [
     (["--data", "BAD"], "bad.jsonl:3: field 'answer'"),
     (["--data", "DIR"], "is a directory; give a .jsonl"),
     (["--config", "DIR"], "is a directory; give a YAML or JSON file"),
-    (["--test-data", "LONG", "--max-length", "64"], "lc2': its choices alone take"),
+    (["--test-data", "LONG", "--max-length", "64"], "lc2' (line 3): its choices alone take"),
     (["--abstain-risk", "2"], "--abstain-risk must be in (0, 1)"),
     (["--abstain-risk", "0"], "--abstain-risk must be in (0, 1)"),
     (["--lora-targets", "nosuch"], "--lora-targets 'nosuch': nosuch is not a module"),

@@ -25,7 +25,7 @@ import logging
 import random
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,7 @@ class MCQExample:
     labels: tuple[str, ...]
     answer: str
     subject: str | None = None
+    line: int | None = field(default=None, compare=False)  # 1-based line of its source file (for messages)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "choices", tuple(self.choices))
@@ -139,7 +140,7 @@ def _record_to_example(obj: Any, source: str, line: int) -> MCQExample:
     if answer not in labels:
         raise fail(f"{answer!r} is not one of labels {labels}", "answer")
     return MCQExample(id=obj["id"], question=obj["question"], choices=tuple(choices),
-                      labels=tuple(labels), answer=answer, subject=obj.get("subject"))
+                      labels=tuple(labels), answer=answer, subject=obj.get("subject"), line=line)
 
 
 def _build(items: Iterable[tuple[int, MCQExample]], source: str) -> list[MCQExample]:

@@ -184,7 +184,8 @@ class Scorer:
         fixed = sum(len(c) for c in choices) + keep
         budget = self.max_length - len(self.prefix_ids) - sum(len(c) for c in choices)
         if budget < keep + 1:
-            raise ModelError(f"question {ex.id!r}: its choices alone take {fixed} tokens, "
+            where = f" (line {ex.line})" if ex.line is not None else ""
+            raise ModelError(f"question {ex.id!r}{where}: its choices alone take {fixed} tokens, "
                              f"more than --max-length {self.max_length} allows; raise --max-length")
         q = self.prefix_ids + question[-budget:]  # keep the end of the question, next to "Answer:"
         ids, pos, seg = list(q), list(range(len(q))), [0] * len(q)
