@@ -136,14 +136,14 @@ def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_pat
 
 @pytest.mark.bf16
 def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_model_dir, data_files):
-    from swaglora.pipeline import ROWS
+    from swaglora.posterior import row_names
 
     run = tmp_path / "run"
     args = _common(tiny_model_dir, data_files)
     assert main(["run", "--out", str(run), *args, "--methods", "all", "--calibrate", "temperature", "--laplace-glm-samples", "50"]) == 0
     rows = {p.name for p in (run / "eval" / "test").iterdir()}
-    assert rows == set(ROWS) | {f"{r}+ts" for r in ROWS}
-    for row in ROWS:
+    assert rows == set(row_names()) | {f"{r}+ts" for r in row_names()}
+    for row in row_names():
         base = json.loads((run / "eval" / "validation" / row / "metrics.json").read_text())
         scaled = json.loads((run / "eval" / "validation" / f"{row}+ts" / "metrics.json").read_text())
         assert scaled["nll"] <= base["nll"] + 1e-9, row  # fitted on validation: never worse there

@@ -266,7 +266,7 @@ def test_long_choices_are_a_counted_warning(tmp_path, tiny_model_dir, files, cap
 
     args = build_parser().parse_args(["evaluate", "--model", str(tiny_model_dir), "--scoring", "cloze",
                                       "--data", str(path), "--out", str(tmp_path / "o")])
-    validate.preflight(resolve_config(args), "zero-shot", tmp_path / "o")
+    validate.preflight(resolve_config(args), "base", tmp_path / "o")
     assert f"{path}: 2 of 5 questions have choices longer than 64 tokens; cloze scoring uses only their first 64" \
         in capsys.readouterr().err
 

@@ -122,16 +122,15 @@ def _cmd_tasks() -> int:
 
 
 def _cmd_methods() -> int:
-    from .pipeline import ROWS
-    from .posterior import get_method, method_names
+    from .posterior import get_method, method_names, rows
 
     print("posterior methods (swaglora.posterior):")
     for name in method_names():
         doc = (get_method(name).__doc__ or "").strip().splitlines()
         print(f"  {name:<15} {doc[0] if doc else ''}")
     print("\nresults-table rows (--methods):")
-    for name, row in ROWS.items():
-        print(f"  {name:<15} {row.help}")
+    for row in rows():
+        print(f"  {row.name:<15} {row.help}")
     return 0
 
 
@@ -283,7 +282,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     cfg = resolve_config(args)
     _print_choice(cfg)
     out = Path(args.out)
-    validate.preflight(cfg, "zero-shot", out)
+    validate.preflight(cfg, "base", out)
     validate.claim_dir(out)
     session = pipeline.open_session(cfg, with_data=False)
     results = pipeline.evaluate_base(session, out, progress=progress)

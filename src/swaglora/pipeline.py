@@ -37,7 +37,7 @@ from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_val
 from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint, runtime_info
 from .params import trainable_parameters, use_params
-from .posterior import Posterior, get_method, load_posterior
+from .posterior import Posterior, Row, base_rows, get_method, load_posterior, reference_row, row, row_names
 from .predict import predict_logits, predict_logits_linearized
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
@@ -45,34 +45,7 @@ from .train import fit
 if TYPE_CHECKING:
     from . import validate
 
-__all__ = ["Row", "ROWS", "Session", "open_session", "train_members", "evaluate_run", "run", "set_dir_name"]
-
-
-@dataclass(frozen=True)
-class Row:
-    """How one row of the results table is built from the saved member posteriors."""
-
-    posterior: str  # the saved posterior of each member that the row uses
-    all_members: bool = False  # True: equal-weight ensemble over every member (MultiSWAG, deep ensemble)
-    scale: float | None = None  # covariance scale override (0 = the mean)
-    sampled: bool = True  # False: one draw (a point estimate)
-    linearized: bool = False  # True: average through the linearised model (GLM predictive) instead of weight draws
-    help: str = ""
-
-
-#: Table rows, in display order. Rows are data, so no method needs its own evaluation code.
-ROWS: dict[str, Row] = {
-    "zero-shot": Row("init", sampled=False, help="the base model before fine-tuning"),
-    "map": Row("map", sampled=False, help="LoRA fine-tuning, best validation epoch"),
-    "swa": Row("swag", scale=0.0, sampled=False, help="SWAG mean (stochastic weight averaging)"),
-    "swag-diag": Row("swag-diag", help="SWAG with diagonal covariance"),
-    "swag": Row("swag", help="SWAG, diagonal + low-rank covariance"),
-    "multiswag": Row("swag", all_members=True, help="ensemble of the members' SWAG posteriors"),
-    "ensemble": Row("map", all_members=True, help="deep ensemble of the members' MAP weights"),
-    "dropout": Row("dropout", help="MC dropout: MAP weights with LoRA dropout kept on while predicting"),
-    "laplace": Row("laplace", linearized=True, help="Laplace-LoRA: KFAC curvature at the MAP weights, linearised (GLM) predictive"),
-    "laplace-sample": Row("laplace", help="Laplace-LoRA with the predictive sampled in weight space"),
-}
+__all__ = ["Session", "open_session", "train_members", "evaluate_run", "run", "set_dir_name"]
 
 
 #: ``--swag-scale auto`` chooses among these covariance scales by validation NLL.
@@ -166,16 +139,8 @@ def reset_trainable(session: Session, seed: int) -> None:
 
 
 def _needed_posteriors(rows: list[str]) -> list[str]:
-    return sorted({ROWS[r].posterior for r in rows} - {"init"})
-
-
-def _posterior_kwargs(name: str, cfg: RunConfig) -> dict[str, Any]:
-    """Constructor settings of each method that has any, taken from the config."""
-    settings = {
-        "swag": {"max_rank": cfg.swag.max_rank},
-        "laplace": {"subset": cfg.laplace.subset, "prior_precision": cfg.laplace.prior_precision or None},
-    }
-    return settings.get(name, {})
+    """The methods whose posteriors the rows use, trained or fitted along with each member."""
+    return sorted({row(r).method for r in rows if not row(r).before_training})
 
 
 def member_seed(cfg: RunConfig, index: int) -> int:
@@ -221,10 +186,11 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
             out.mkdir(parents=True, exist_ok=True)
             if resume is None:
                 (out / "train_log.jsonl").unlink(missing_ok=True)
-                get_method("map")(model).save(out / "posteriors" / "init", meta)  # the zero-shot model
+                for base in base_rows():  # the model before fine-tuning
+                    get_method(base.method).build(model, cfg).save(out / "posteriors" / base.saved, meta)
             else:
                 print(f"swaglora: member {index}: resuming from {resume.path}", file=sys.stderr)
-        posteriors = {n: get_method(n)(model, **_posterior_kwargs(n, cfg)) for n in names}
+        posteriors = {n: get_method(n).build(model, cfg) for n in names}
         along = [p for p in posteriors.values() if p.trajectory]
         if resume is not None and resume.meta["map_done"] and dist.is_main:
             # post-hoc posteriors were fitted and saved at the end of the MAP phase, before that checkpoint
@@ -275,9 +241,10 @@ def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
                          f"retrain with it in --methods")
     if not session.train:
         raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
-    map_weights = load_posterior(member / "posteriors" / "map", model=session.model, expected_metadata=session.metadata)
+    point = reference_row().saved  # the member's fine-tuned weights
+    map_weights = load_posterior(member / "posteriors" / point, model=session.model, expected_metadata=session.metadata)
     with use_params(session.model, map_weights.sample()):
-        posterior = cls(session.model, **_posterior_kwargs(name, session.cfg))
+        posterior = cls.build(session.model, session.cfg)
         fit_posthoc(session, posterior)
     posterior.save(member / "posteriors" / name, session.metadata)
 
@@ -307,7 +274,7 @@ def check_posteriors(session: Session, members: list[Path], rows: list[str]) -> 
     """Load every saved posterior the rows use, of every member, before any row is evaluated: a damaged file
     or a run of another base model or LoRA setup fails at once."""
     for member in members:
-        for name in sorted({ROWS[r].posterior for r in rows}):
+        for name in sorted({row(r).saved for r in rows}):
             if (member / "posteriors" / name).is_dir():
                 load_posterior(member / "posteriors" / name, model=session.model, expected_metadata=session.metadata)
 
@@ -424,19 +391,19 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     setting = cfg.swag.scale_setting
     bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
 
-    def load(index: int, posterior_name: str) -> Posterior:
-        directory = members[index] / "posteriors" / posterior_name
+    def load(index: int, spec: Row) -> Posterior:
+        directory = members[index] / "posteriors" / spec.saved
         if not directory.is_dir():
-            add_posthoc_posterior(session, members[index], posterior_name)
+            add_posthoc_posterior(session, members[index], spec.method)
         return load_posterior(directory, model=session.model, expected_metadata=session.metadata)
 
-    def member_logits(index: int, posterior_name: str, scale: float | None, n: int,
-                      linearized: bool = False) -> tuple[dict[str, torch.Tensor], float, float | None]:
+    def member_logits(index: int, spec: Row, scale: float | None, n: int) -> tuple[dict[str, torch.Tensor], float, float | None]:
         """Logits per set, seconds, and the scale used (the posterior's default where ``scale`` is None)."""
+        posterior_name, linearized = spec.saved, spec.linearized
         key = (index, posterior_name, scale, n, linearized)
         if key not in memo:
             start = time.perf_counter()
-            posterior = load(index, posterior_name)
+            posterior = load(index, spec)
             common = {"cache": session.cache, "batch_size": cfg.eval.batch_size}
             logits = {}
             thetas = None if linearized else posterior.draws(n, generator=draw_generator(seeds[index], posterior_name), scale=scale)
@@ -457,9 +424,10 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
 
     chosen: dict[tuple, float] = {}
 
-    def auto_scale(posterior_name: str, n: int) -> float:
+    def auto_scale(spec: Row, n: int) -> float:
         """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the
         draws its evaluation uses)."""
+        posterior_name = spec.saved
         key = (posterior_name, n)
         if key not in chosen:
             validation = [(set_name, ex) for set_name, role, ex in sets if role == "validation"]
@@ -467,7 +435,7 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
                 raise ValueError("--swag-scale auto needs a validation set")
             set_name, examples = validation[0]
             labels = torch.tensor([ex.answer_index for ex in examples])
-            posterior = load(0, posterior_name)
+            posterior = load(0, spec)
             scores = {}
             for grid_scale in SCALE_GRID:
                 thetas = posterior.draws(n, generator=draw_generator(seeds[0], posterior_name), scale=grid_scale)
@@ -479,13 +447,14 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
 
     results = []
     for name in rows:
-        row = ROWS[name]
-        n = cfg.laplace.glm_samples if row.linearized else cfg.swag.samples if row.sampled else 1
-        scale = row.scale
-        if scale is None and row.sampled and get_method(row.posterior).takes_swag_scale:
-            scale = auto_scale(row.posterior, n) if setting == "auto" else setting
-        used = range(len(members)) if row.all_members else range(1)
-        parts = [member_logits(i, row.posterior, scale, n, row.linearized) for i in used]
+        spec = row(name)
+        method = get_method(spec.method)
+        n = method.samples_for(cfg, spec)
+        scale = spec.scale
+        if scale is None and spec.sampled and method.takes_swag_scale:
+            scale = auto_scale(spec, n) if setting == "auto" else setting
+        used = range(len(members)) if spec.all_members else range(1)
+        parts = [member_logits(i, spec, scale, n) for i in used]
         probs = {set_name: torch.softmax(torch.cat([p[0][set_name] for p in parts]), -1) for set_name, _, _ in sets}
         variants = [(name, probs, {})]
         if cfg.eval.calibrate == "temperature":
@@ -493,7 +462,7 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
         for label, set_probs, extra in variants:
             for set_name, role, examples in sets:
                 info = {"method": label, "eval_set": set_name, "role": role, "n_samples": set_probs[set_name].shape[0],
-                        "n_members": len(used), "scale": parts[0][2] if row.sampled else row.scale,
+                        "n_members": len(used), "scale": parts[0][2] if spec.sampled else spec.scale,
                         "seconds": sum(p[1] for p in parts), "seed": cfg.train.seed, **extra}
                 out = out_dir / "eval" / set_dir_name(set_name) / label
                 results.append(_write_eval(out, examples, set_probs[set_name], info))
@@ -577,21 +546,20 @@ def load_run_config(run_dir: Path) -> RunConfig:
 
 def requested_rows(cfg: RunConfig) -> list[str]:
     """zero-shot and the rows of ``--methods``, in order; an unknown name raises ValueError."""
-    wanted = list(ROWS) if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
-    rows = ["zero-shot"] + wanted
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise ValueError(f"Unknown method {unknown[0]!r}. Available: {', '.join(ROWS)}")
+    wanted = row_names() if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
+    rows = [base.name for base in base_rows()] + wanted
+    for name in rows:
+        row(name)  # an unknown name raises ValueError
     check_eval_split(cfg)  # every command that trains or evaluates a run asks for its rows first
     return list(dict.fromkeys(rows))
 
 
 def row_unavailable(cfg: RunConfig, name: str) -> str | None:
     """Why a table row cannot be built with these settings, or None."""
-    row = ROWS[name]
-    if cfg.swag.epochs == 0 and row.posterior.startswith("swag"):
+    spec = row(name)
+    if cfg.swag.epochs == 0 and get_method(spec.method).trajectory:
         return "needs SWAG epochs (--swag-epochs is 0)"
-    if cfg.swag.members < 2 and row.all_members:
+    if cfg.swag.members < 2 and spec.all_members:
         return f"needs --members 2 or more (--members is {cfg.swag.members})"
     return None
 
@@ -653,6 +621,6 @@ def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> lis
     examples = base_examples(cfg)
     thetas = [{k: v.detach().clone() for k, v in trainable_parameters(session.model).items()}]
     logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
-    info = {"method": "zero-shot", "eval_set": spec, "role": "test", "n_samples": 1, "n_members": 1, "scale": None,
+    info = {"method": base_rows()[0].name, "eval_set": spec, "role": "test", "n_samples": 1, "n_members": 1, "scale": None,
             "seconds": None, "seed": cfg.train.seed, "model": session.lm.name, "scoring": session.scorer.mode}
     return [_write_eval(out_dir, examples, torch.softmax(logits, -1), info)]

@@ -56,6 +56,7 @@ import numpy as np
 
 from . import metrics as M
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .posterior import reference_row, row_names
 
 __all__ = [
     "collect_results", "write_report", "print_table", "add_abstention", "format_number", "format_cell",
@@ -82,8 +83,6 @@ METRIC_LABELS = {
     "aurc": "AURC", **{f"acc@{round(c * 100)}": f"Acc@{round(c * 100)}%" for c in COVERAGES},
     "abstain_threshold": "Threshold", "abstain_risk": "Risk", "abstain_coverage": "Coverage",
 }
-#: Usual order of methods in tables (others follow alphabetically; ``m+ts`` follows ``m``).
-METHOD_ORDER = ("zero-shot", "map", "swa", "swag-diag", "swag", "multiswag", "ensemble", "dropout", "laplace", "laplace-sample")
 N_UNCERTAIN = 10
 QUESTION_CHARS = 120
 N_BINS = 15
@@ -125,8 +124,9 @@ def _stat(seeds: list[int], values: list[float | None]) -> dict[str, Any]:
 
 
 def _method_key(m: str) -> tuple:
-    base = m.split("+", 1)[0]
-    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    """Methods in the registry's row order (others follow alphabetically; ``m+ts`` follows ``m``)."""
+    base, order = m.split("+", 1)[0], row_names()
+    rank = order.index(base) if base in order else len(order)
     return (rank, base, m != base, m)
 
 
@@ -431,7 +431,7 @@ def _uncertain(runs: list[_Run], methods: list[str], n_samples: dict[str, int],
 
 
 #: Bootstrap resamples of the questions behind every interval (paired across methods, pooled over seeds).
-N_BOOT, INTERVAL_LEVEL, REFERENCE = 1000, 0.95, "map"
+N_BOOT, INTERVAL_LEVEL = 1000, 0.95
 
 
 def _aligned(runs: list[_Run], s: str, m: str, answers: dict[str, str], width: int) -> list[np.ndarray] | None:
@@ -451,7 +451,7 @@ def _aligned(runs: list[_Run], s: str, m: str, answers: dict[str, str], width: i
 
 def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: list[str]) -> list[dict[str, Any]]:
     """Per set: :func:`metrics.paired_bootstrap` of every method that has predictions on it in every run,
-    with the questions aligned by id; differences are to ``map`` where it is present."""
+    with the questions aligned by id; differences are to the registry's reference row (the fine-tuned point estimate) where it is present."""
     out: list[dict[str, Any]] = []
     for s in sets:
         have = [m for m in methods if all((s, m) in r.entries and r.entries[(s, m)].preds for r in runs)]
@@ -466,7 +466,8 @@ def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: lis
             continue
         width = max(p.shape[1] for v in predictives.values() for p in v)
         predictives = {m: [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in v] for m, v in predictives.items()}
-        ref = REFERENCE if REFERENCE in predictives else None
+        reference = reference_row()
+        ref = reference.name if reference is not None and reference.name in predictives else None
         result = M.paired_bootstrap(predictives, labels, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
         out.append({"eval_set": s, "n": len(answers), "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref,
                     "methods": [{"method": m, **result[m]} for m in have]})

@@ -22,6 +22,7 @@ from . import pipeline
 from .config import ConfigError, ModelConfig, RunConfig
 from .data import MCQExample
 from .io import read_json
+from .posterior import base_rows, row
 from .models import DEFAULT_SCORING, EMBEDDED_MODELS, ModelError, decoder_parts, model_source
 
 __all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "is_run_dir",
@@ -139,7 +140,7 @@ def _check_rows(cfg: RunConfig) -> list[str]:
     requested = pipeline.requested_rows(cfg)
     skipped = {r: why for r in requested if (why := pipeline.row_unavailable(cfg, r))}
     rows = [r for r in requested if r not in skipped]
-    if skipped and rows == ["zero-shot"]:
+    if skipped and all(row(r).before_training for r in rows):
         raise ConfigError("none of --methods can be built with these settings: "
                           + "; ".join(f"{r} {why}" for r, why in skipped.items()))
     for r, why in skipped.items():
@@ -277,7 +278,7 @@ class Plan:
 
 def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = False,
               members: list[int] | None = None, runs: list[Path] = ()) -> Plan:
-    """Check everything ``command`` (run, train, evaluate = ``evaluate --run``, zero-shot) will need.
+    """Check everything ``command`` (run, train, evaluate = ``evaluate --run``, base = ``evaluate --model``) will need.
 
     Raises ConfigError, DataError or ModelError (one line each) before any weight is loaded or any file
     written; prints warnings for requests that will be partly ignored.
@@ -285,9 +286,9 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     check_device(cfg.model.device)
     check_out_dir(out, overwrite)
     _check_members(members, cfg.swag.members)
-    if command == "zero-shot":
+    if command == "base":
         _check_model(cfg, [(cfg.data.data or cfg.data.task, pipeline.base_examples(cfg))])
-        return Plan(["zero-shot"], data_sha256(cfg, evaluating=False))
+        return Plan([r.name for r in base_rows()], data_sha256(cfg, evaluating=False))
     rows = _check_rows(cfg)
     _warn_learning_rates(cfg)
     train, validation = pipeline._training_data(cfg)

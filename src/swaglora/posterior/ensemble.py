@@ -88,7 +88,7 @@ class Ensemble(Posterior):
     def from_config(
         cls, parameters: Shapes, hparams: Mapping[str, Any], state: Mapping[str, Tensor], device: str = "cpu"
     ) -> Ensemble:
-        from swaglora.posterior import get_method
+        from swaglora.posterior.registry import get_method
 
         specs = hparams.get("members")
         if not isinstance(specs, list) or not specs:
