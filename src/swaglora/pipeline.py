@@ -37,8 +37,8 @@ from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_val
 from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint, runtime_info
 from .params import trainable_parameters, use_params
-from .posterior import Posterior, Row, base_rows, get_method, load_posterior, reference_row, row, row_names
-from .predict import predict_logits, predict_logits_linearized
+from .posterior import Ensemble, Posterior, Row, base_rows, get_method, load_posterior, reference_row, row, row_names
+from .predict import predict_logits, predict_probs
 from .scoring import HiddenCache, LetterHead, Scorer
 from .train import fit
 
@@ -374,100 +374,89 @@ def draw_generator(member_seed: int, method: str, eval_set: str | None = None) -
 def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
     """Evaluate every table row on every evaluation set with the shared prediction path.
 
-    A row's predictive is the equal-weight mixture of its members' BMA predictions (one member, or all of
-    them for MultiSWAG / deep ensembles). Each member posterior is sampled once, with :func:`draw_generator`
-    (the same weights for every set), and its predictions are shared by every row that uses it: the ``swag`` row and
-    member 0 of ``multiswag`` are the same S draws, evaluated once. A row samples with its posterior's own
-    default scale unless the row fixes one (``swa``: 0) or the user set ``swag.scale`` for SWAG posteriors.
+    A row's posterior is one member's saved posterior, or the equal-weight :class:`Ensemble` of every member's
+    (MultiSWAG, deep ensembles); either goes through :func:`predict.predict_probs`. Member ``i``'s weights are
+    drawn with :func:`draw_generator` of its own seed (the same weights for every set), so the ``swag`` row and
+    member 0 of ``multiswag`` are the same S draws. A row samples with its posterior's own default scale unless
+    the row fixes one (``Row.scale``) or the user set ``swag.scale`` for posteriors that take it.
     """
     from tqdm.auto import tqdm
 
-    cfg = session.cfg
     members = _member_dirs(run_dirs)
-    seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
     check_posteriors(session, members, rows)
     sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
-    memo: dict[tuple, tuple[dict[str, torch.Tensor], float, float | None]] = {}
-    setting = cfg.swag.scale_setting
     bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
-
-    def load(index: int, spec: Row) -> Posterior:
-        directory = members[index] / "posteriors" / spec.saved
-        if not directory.is_dir():
-            add_posthoc_posterior(session, members[index], spec.method)
-        return load_posterior(directory, model=session.model, expected_metadata=session.metadata)
-
-    def member_logits(index: int, spec: Row, scale: float | None, n: int) -> tuple[dict[str, torch.Tensor], float, float | None]:
-        """Logits per set, seconds, and the scale used (the posterior's default where ``scale`` is None)."""
-        posterior_name, linearized = spec.saved, spec.linearized
-        key = (index, posterior_name, scale, n, linearized)
-        if key not in memo:
-            start = time.perf_counter()
-            posterior = load(index, spec)
-            common = {"cache": session.cache, "batch_size": cfg.eval.batch_size}
-            logits = {}
-            thetas = None if linearized else posterior.draws(n, generator=draw_generator(seeds[index], posterior_name), scale=scale)
-            for set_name, _, examples in sets:
-                generator = draw_generator(seeds[index], posterior_name, set_name)
-                if linearized:  # one forward + C backward passes per question; logit samples cost nothing more
-                    passes = 1
-                    logits[set_name] = predict_logits_linearized(session.scorer, examples, posterior, n, generator,
-                                                                 scale=scale, **common)
-                else:
-                    passes = len(thetas)
-                    logits[set_name] = predict_logits(session.scorer, examples, thetas, stochastic=posterior.stochastic_forward,
-                                                      dropout_generator=generator, **common)
-                bar.update(len(examples) * passes)
-            used = scale if scale is not None else posterior.default_scale
-            memo[key] = (logits, time.perf_counter() - start, used)
-        return memo[key]
-
-    chosen: dict[tuple, float] = {}
-
-    def auto_scale(spec: Row, n: int) -> float:
-        """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the
-        draws its evaluation uses)."""
-        posterior_name = spec.saved
-        key = (posterior_name, n)
-        if key not in chosen:
-            validation = [(set_name, ex) for set_name, role, ex in sets if role == "validation"]
-            if not validation:
-                raise ValueError("--swag-scale auto needs a validation set")
-            set_name, examples = validation[0]
-            labels = torch.tensor([ex.answer_index for ex in examples])
-            posterior = load(0, spec)
-            scores = {}
-            for grid_scale in SCALE_GRID:
-                thetas = posterior.draws(n, generator=draw_generator(seeds[0], posterior_name), scale=grid_scale)
-                logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
-                scores[grid_scale] = metrics.nll(metrics.predictive(torch.softmax(logits, -1)), labels)
-            chosen[key] = min(scores, key=scores.get)
-            atomic_write_json(out_dir / "eval" / f"scale-{posterior_name}.json", {"grid_nll": scores, "chosen": chosen[key]})
-        return chosen[key]
-
-    results = []
-    for name in rows:
-        spec = row(name)
-        method = get_method(spec.method)
-        n = method.samples_for(cfg, spec)
-        scale = spec.scale
-        if scale is None and spec.sampled and method.takes_swag_scale:
-            scale = auto_scale(spec, n) if setting == "auto" else setting
-        used = range(len(members)) if spec.all_members else range(1)
-        parts = [member_logits(i, spec, scale, n) for i in used]
-        probs = {set_name: torch.softmax(torch.cat([p[0][set_name] for p in parts]), -1) for set_name, _, _ in sets}
-        variants = [(name, probs, {})]
-        if cfg.eval.calibrate == "temperature":
-            variants.append((f"{name}+ts", *_temperature_scaled(probs, sets)))
-        for label, set_probs, extra in variants:
-            for set_name, role, examples in sets:
-                info = {"method": label, "eval_set": set_name, "role": role, "n_samples": set_probs[set_name].shape[0],
-                        "n_members": len(used), "scale": parts[0][2] if spec.sampled else spec.scale,
-                        "seconds": sum(p[1] for p in parts), "seed": cfg.train.seed, **extra}
-                out = out_dir / "eval" / set_dir_name(set_name) / label
-                results.append(_write_eval(out, examples, set_probs[set_name], info))
+    evaluation = _RowEvaluation(session, members, sets, out_dir, bar)
+    results = [result for name in rows for result in evaluation.write_row(row(name))]
     bar.close()
     return results
+
+
+class _RowEvaluation:
+    """The table rows of one evaluation: posteriors of the members, the auto scale, predictions, files."""
+
+    def __init__(self, session: Session, members: list[Path], sets: list, out_dir: Path, bar: Any) -> None:
+        self.session, self.cfg, self.members, self.sets, self.out_dir, self.bar = session, session.cfg, members, sets, out_dir, bar
+        self.seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
+        self.chosen: dict[tuple, float] = {}
+
+    def posterior(self, index: int, spec: Row) -> Posterior:
+        directory = self.members[index] / "posteriors" / spec.saved
+        if not directory.is_dir():
+            add_posthoc_posterior(self.session, self.members[index], spec.method)
+        return load_posterior(directory, model=self.session.model, expected_metadata=self.session.metadata)
+
+    def predict(self, posterior: Posterior, used: range, spec: Row, examples: list[MCQExample], n: int,
+                scale: float | None, set_name: str | None = None, progress: Any = None) -> torch.Tensor:
+        """Sample probabilities ``[S, N, C]``: weights drawn per member seed, in-forward randomness per set."""
+        weights = [draw_generator(self.seeds[i], spec.saved) for i in used]
+        return predict_probs(self.session.scorer, examples, posterior, n, weights if len(weights) > 1 else weights[0],
+                             forward_generator=draw_generator(self.seeds[used[0]], spec.saved, set_name) if set_name else None,
+                             cache=self.session.cache, batch_size=self.cfg.eval.batch_size, scale=scale,
+                             linearized=spec.linearized, progress=progress)
+
+    def auto_scale(self, spec: Row, n: int) -> float:
+        """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the draws
+        its evaluation uses)."""
+        key = (spec.saved, n)
+        if key not in self.chosen:
+            validation = [(set_name, ex) for set_name, role, ex in self.sets if role == "validation"]
+            if not validation:
+                raise ValueError("--swag-scale auto needs a validation set")
+            examples = validation[0][1]
+            labels = torch.tensor([ex.answer_index for ex in examples])
+            posterior = self.posterior(0, spec)
+            scores = {scale: metrics.nll(metrics.predictive(self.predict(posterior, range(1), spec, examples, n, scale)), labels)
+                      for scale in SCALE_GRID}
+            self.chosen[key] = min(scores, key=scores.get)
+            atomic_write_json(self.out_dir / "eval" / f"scale-{spec.saved}.json", {"grid_nll": scores, "chosen": self.chosen[key]})
+        return self.chosen[key]
+
+    def write_row(self, spec: Row) -> list[dict]:
+        """Predict the row on every set (and its temperature-scaled variant), write and return the results."""
+        cfg, method = self.cfg, get_method(spec.method)
+        n, scale, setting = method.samples_for(cfg, spec), spec.scale, cfg.swag.scale_setting
+        if scale is None and spec.sampled and method.takes_swag_scale:
+            scale = self.auto_scale(spec, n) if setting == "auto" else setting
+        used = range(len(self.members)) if spec.all_members else range(1)
+        start = time.perf_counter()
+        parts = [self.posterior(i, spec) for i in used]
+        posterior = Ensemble(parts) if spec.all_members else parts[0]
+        probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
+                 for set_name, _, examples in self.sets}
+        common = {"n_members": len(used), "scale": (scale if scale is not None else parts[0].default_scale) if spec.sampled else spec.scale,
+                  "seconds": time.perf_counter() - start, "seed": cfg.train.seed}
+        variants = [(spec.name, probs, {})]
+        if cfg.eval.calibrate == "temperature":
+            variants.append((f"{spec.name}+ts", *_temperature_scaled(probs, self.sets)))
+        results = []
+        for label, set_probs, extra in variants:
+            for set_name, role, examples in self.sets:
+                info = {"method": label, "eval_set": set_name, "role": role, "n_samples": set_probs[set_name].shape[0],
+                        **common, **extra}
+                out = self.out_dir / "eval" / set_dir_name(set_name) / label
+                results.append(_write_eval(out, examples, set_probs[set_name], info))
+        return results
 
 
 def _bma_log_probs(probs: torch.Tensor, examples: list[MCQExample]) -> torch.Tensor:

@@ -56,8 +56,15 @@ class Ensemble(Posterior):
         return self.members[i].sample(g, scale)
 
     def draws(
-        self, n_samples: int, generator: torch.Generator | None = None, scale: float | None = None
+        self, n_samples: int, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        scale: float | None = None,
     ) -> list[dict[str, Tensor]]:
+        """Every member's draws in turn, from one ``generator``, or from one generator per member (member i's
+        draws are then exactly those it gives alone with its own generator)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(self.members):
+                raise ValueError(f"{len(generator)} generators for an ensemble of {len(self.members)} members")
+            return [d for member, g in zip(self.members, generator) for d in member.draws(n_samples, g, scale)]
         g = make_generator(generator)
         return [d for member in self.members for d in member.draws(n_samples, g, scale)]
 

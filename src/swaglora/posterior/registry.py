@@ -43,6 +43,8 @@ def register(cls: type[Posterior]) -> type[Posterior]:
             raise ValueError(f"table row {r.name!r} is already declared by {ROWS[r.name].method!r}")
         if r.linearized and not cls.linearized_predictive:
             raise ValueError(f"row {r.name!r} is linearised but {cls.__name__} has no linearised predictive")
+        if r.linearized and r.all_members:
+            raise ValueError(f"row {r.name!r}: a mixture of members (an Ensemble) has no linearised predictive")
     METHODS[name] = cls
     ROWS.update((r.name, r) for r in declared)
     return cls
