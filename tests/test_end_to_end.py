@@ -123,7 +123,9 @@ def test_changed_config_on_existing_run_is_refused(tmp_path, tiny_model_dir, dat
 def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_path, tiny_model_dir, data_files):
     import numpy as np
 
-    from swaglora.pipeline import SCALE_GRID, draw_generator, load_run_config, open_session
+    from swaglora.evaluate import SCALE_GRID, draw_generator
+    from swaglora.members import open_session
+    from swaglora.rundir import load_run_config
     from swaglora.predict import predict_probs
 
     run = tmp_path / "run"
@@ -215,7 +217,8 @@ def test_evaluate_fits_missing_posthoc_methods_on_a_finished_run(tmp_path, tiny_
 
 def test_blob_shift_protocol_expands_to_its_four_sets(tiny_model_dir):
     from swaglora.config import RunConfig, apply_overrides
-    from swaglora.pipeline import eval_sets, open_session
+    from swaglora.evaluate import eval_sets
+    from swaglora.members import open_session
 
     cfg = apply_overrides(RunConfig(), {"model.name": str(tiny_model_dir), "data.task": "obqa", "eval.shift": "blob,obqa",
                                         "eval.limit": 5, "data.train_limit": 10, "data.val_limit": 5,
@@ -267,7 +270,7 @@ def test_evaluating_on_a_split_the_run_tunes_on_is_refused_before_training(tmp_p
 
 def test_the_tuning_split_guard_names_only_splits_the_run_trains_or_validates_on(capsys):
     from swaglora.config import ConfigError
-    from swaglora.pipeline import check_eval_split
+    from swaglora.selection import check_eval_split
 
     cfg = lambda **kw: apply_overrides(RunConfig(), kw)  # noqa: E731
     check_eval_split(cfg(**{"eval.split": "test"}))

@@ -216,6 +216,7 @@ def _quiet() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline, validate
+    from .members import open_session, train_members
 
     if args.command == "tasks":
         return _cmd_tasks()
@@ -253,8 +254,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
         plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members)
         pipeline.prepare_run_dir(cfg, out, args.overwrite, plan.data_sha256)
-        session = pipeline.open_session(cfg)
-        pipeline.train_members(session, out, members, plan.rows, progress=progress)
+        session = open_session(cfg)
+        train_members(session, out, members, plan.rows, progress=progress)
         print(f"trained members {members} into {out}")
         return 0
     if args.command == "evaluate":
@@ -263,17 +264,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
-    from . import pipeline, validate
+    from . import evaluate, rundir, validate
+    from .members import open_session
 
     runs = [Path(r) for r in args.run]
     if runs:
-        cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
+        cfg = resolve_config(args, base=rundir.load_run_config(runs[0]))
         _print_choice(cfg)
         out = Path(args.out) if args.out else runs[0]
         plan = validate.preflight(cfg, "evaluate", out, runs=runs)
         validate.claim_dir(out)
-        session = pipeline.open_session(cfg)
-        pipeline.evaluate_run(session, runs, plan.rows, out, progress=progress)
+        session = open_session(cfg)
+        evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress)
         _report([out], out)
         return 0
     # zero-shot evaluation of a base model on one data set
@@ -284,8 +286,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     out = Path(args.out)
     validate.preflight(cfg, "base", out)
     validate.claim_dir(out)
-    session = pipeline.open_session(cfg, with_data=False)
-    results = pipeline.evaluate_base(session, out, progress=progress)
+    session = open_session(cfg, with_data=False)
+    results = evaluate.evaluate_base(session, out, progress=progress)
     for r in results:
         print(f"{r['eval_set']}: accuracy {r['accuracy']:.4f}  ece {r['ece']:.4f}  nll {r['nll']:.4f}  "
               f"brier {r['brier']:.4f}  n {r['n']}")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from swaglora import __version__
+from swaglora._version import __version__
 from swaglora.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from swaglora.params import Shapes, check_same_shapes, numel, parameter_shapes, trainable_parameters
 
