@@ -42,10 +42,14 @@ class ShiftedMAP(MAP):
 
 
 @pytest.fixture
-def toy_registered(monkeypatch):
-    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
-    monkeypatch.setattr(registry, "ROWS", dict(registry.ROWS))
+def toy_registered():
+    methods, rows = dict(registry.METHODS), dict(registry.ROWS)
     registry.register(ShiftedMAP)
+    yield
+    registry.METHODS.clear()
+    registry.METHODS.update(methods)
+    registry.ROWS.clear()
+    registry.ROWS.update(rows)
 
 
 def test_a_registered_toy_posterior_gets_its_row_into_the_table(tmp_path, tiny_model_dir, toy_registered):

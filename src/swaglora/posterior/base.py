@@ -211,6 +211,25 @@ class Posterior(ABC):
         return load_posterior(directory, model, expected_metadata, expected_method=cls.name)
 
 
+#: registry name -> Posterior subclass (filled by :func:`swaglora.posterior.registry.register`); here, so that
+#: loading a saved posterior by its method name needs no import of the registry
+METHODS: dict[str, type[Posterior]] = {}
+
+
+class UnknownMethodError(KeyError, ValueError):
+    """Raised by :func:`get_method`; a KeyError and a ValueError, with a readable message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_method(name: str) -> type[Posterior]:
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise UnknownMethodError(f"Unknown method {name!r}. Available: {', '.join(sorted(METHODS))}") from None
+
+
 def _differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     expected = json.loads(json.dumps(dict(expected)))  # tuples -> lists, as they were saved
     return [
@@ -242,8 +261,6 @@ def load_posterior(
     every key of ``expected_metadata`` / ``expected_hparams`` must equal the saved value;
     ``expected_method`` must equal the saved method. Any difference raises ValueError.
     """
-    from swaglora.posterior.registry import get_method  # the registry imports this module
-
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     config = read_json(config_path)

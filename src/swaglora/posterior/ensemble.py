@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from swaglora.params import Shapes, shape_mismatches
-from swaglora.posterior.base import Posterior, load_posterior, make_generator
+from swaglora.posterior.base import Posterior, get_method, load_posterior, make_generator
 
 
 class Ensemble(Posterior):
@@ -95,8 +95,6 @@ class Ensemble(Posterior):
     def from_config(
         cls, parameters: Shapes, hparams: Mapping[str, Any], state: Mapping[str, Tensor], device: str = "cpu"
     ) -> Ensemble:
-        from swaglora.posterior.registry import get_method
-
         specs = hparams.get("members")
         if not isinstance(specs, list) or not specs:
             raise ValueError("ensemble config has no 'members' list")

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from swaglora.posterior.base import Posterior, Row
+from swaglora.posterior.base import METHODS, Posterior, Row, UnknownMethodError, get_method
 
 __all__ = ["METHODS", "ROWS", "UnknownMethodError", "register", "method_names", "get_method", "rows", "row",
            "row_names", "base_rows", "reference_row"]
 
-#: registry name -> Posterior subclass
-METHODS: dict[str, type[Posterior]] = {}
 #: table-row name -> Row (with ``method`` filled in), in registration order; :func:`rows` sorts by ``order``
 ROWS: dict[str, Row] = {}
-
-
-class UnknownMethodError(KeyError, ValueError):
-    """Raised by :func:`get_method`; a KeyError and a ValueError, with a readable message."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def register(cls: type[Posterior]) -> type[Posterior]:
@@ -52,13 +43,6 @@ def register(cls: type[Posterior]) -> type[Posterior]:
 
 def method_names() -> list[str]:
     return sorted(METHODS)
-
-
-def get_method(name: str) -> type[Posterior]:
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise UnknownMethodError(f"Unknown method {name!r}. Available: {', '.join(method_names())}") from None
 
 
 def rows() -> list[Row]:
