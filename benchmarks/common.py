@@ -19,7 +19,7 @@ from torch import nn
 from swaglora.config import LoraSettings, ModelConfig, RunConfig, TrainConfig
 from swaglora.data import MCQExample, limit, load_task
 from swaglora.models import LoadedModel, load_model
-from swaglora.pipeline import Session, open_session
+from swaglora.members import Session, open_session
 
 TASK = "arc_easy"
 #: the default protocol of README "What make demo does": cloze scoring, LoRA all-linear on the top 2 layers

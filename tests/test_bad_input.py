@@ -18,7 +18,7 @@ from swaglora import io
 from swaglora.cli import main
 from swaglora.config import ModelConfig, RunConfig, apply_overrides
 from swaglora.models import ModelError, load_model
-from swaglora.pipeline import check_schedule
+from swaglora.members import check_schedule
 
 from conftest import make_examples, write_jsonl
 

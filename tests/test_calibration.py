@@ -88,7 +88,7 @@ def test_pipeline_fits_and_applies_the_temperature_to_the_same_choices_when_some
     NLL of the applied predictive is minimised where softmax(log p / T) gives A 0.55:
     T = ln(99) / ln(0.55 / 0.45) ~= 22.9, at which absent choices written as log(1e-30) would take ~5% each."""
     from swaglora.data import MCQExample
-    from swaglora.pipeline import _temperature_scaled
+    from swaglora.evaluate import _temperature_scaled
 
     two = [MCQExample(f"t{i}", "q", ("x", "y"), ("A", "B"), "A" if i < 11 else "B") for i in range(20)]
     four = [MCQExample(f"f{i}", "q", ("w", "x", "y", "z"), ("A", "B", "C", "D"), "ABCD"[i % 4]) for i in range(10)]

@@ -121,29 +121,49 @@ def test_changed_config_on_existing_run_is_refused(tmp_path, tiny_model_dir, dat
 
 
 def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_path, tiny_model_dir, data_files):
-    from swaglora.pipeline import SCALE_GRID
+    import numpy as np
+
+    from swaglora.evaluate import SCALE_GRID, draw_generator
+    from swaglora.members import open_session
+    from swaglora.rundir import load_run_config
+    from swaglora.predict import predict_probs
 
     run = tmp_path / "run"
     args = _common(tiny_model_dir, data_files)
     assert main(["train", "--out", str(run), *args, "--members", "1"]) == 0
     assert main(["evaluate", "--run", str(run), "--swag-scale", "auto", "--methods", "swag", "--quiet"]) == 0
     choice = json.loads((run / "eval" / "scale-swag.json").read_text())
+    # the oracle: member 0's SWAG draws at each grid scale (seeded as the evaluation seeds them), their validation
+    # predictive averaged in float64, NLL = -mean log p(answer), written out here rather than taken from metrics
+    cfg = load_run_config(run)
+    session = open_session(cfg)
+    member = run / "members" / "0"
+    swag = load_posterior(member / "posteriors" / "swag")
+    seed = json.loads((member / "done.json").read_text())["seed"]
+    answers = np.array([ex.answer_index for ex in session.validation])
+    oracle = {}
+    for scale in SCALE_GRID:
+        probs = predict_probs(session.scorer, session.validation, swag, cfg.swag.samples, draw_generator(seed, "swag"),
+                              batch_size=cfg.eval.batch_size, scale=scale).double().numpy()
+        predictive = probs.mean(0)
+        oracle[scale] = float(-np.log(predictive[np.arange(len(answers)), answers]).mean())
     grid = {float(k): v for k, v in choice["grid_nll"].items()}
-    assert set(grid) == set(SCALE_GRID)
-    assert choice["chosen"] == min(grid, key=grid.get)
+    assert grid == pytest.approx(oracle, abs=1e-5)
+    assert len(set(np.round(list(oracle.values()), 3))) > 1  # the grid matters here: the choice is not a tie
+    assert oracle[choice["chosen"]] == pytest.approx(min(oracle.values()), abs=1e-6)
     assert json.loads((run / "eval" / "test" / "swag" / "metrics.json").read_text())["scale"] == choice["chosen"]
 
 
 @pytest.mark.bf16
 def test_run_every_method_with_temperature_scaling_and_report(tmp_path, tiny_model_dir, data_files):
-    from swaglora.pipeline import ROWS
+    from swaglora.posterior import row_names
 
     run = tmp_path / "run"
     args = _common(tiny_model_dir, data_files)
     assert main(["run", "--out", str(run), *args, "--methods", "all", "--calibrate", "temperature", "--laplace-glm-samples", "50"]) == 0
     rows = {p.name for p in (run / "eval" / "test").iterdir()}
-    assert rows == set(ROWS) | {f"{r}+ts" for r in ROWS}
-    for row in ROWS:
+    assert rows == set(row_names()) | {f"{r}+ts" for r in row_names()}
+    for row in row_names():
         base = json.loads((run / "eval" / "validation" / row / "metrics.json").read_text())
         scaled = json.loads((run / "eval" / "validation" / f"{row}+ts" / "metrics.json").read_text())
         assert scaled["nll"] <= base["nll"] + 1e-9, row  # fitted on validation: never worse there
@@ -197,7 +217,8 @@ def test_evaluate_fits_missing_posthoc_methods_on_a_finished_run(tmp_path, tiny_
 
 def test_blob_shift_protocol_expands_to_its_four_sets(tiny_model_dir):
     from swaglora.config import RunConfig, apply_overrides
-    from swaglora.pipeline import eval_sets, open_session
+    from swaglora.evaluate import eval_sets
+    from swaglora.members import open_session
 
     cfg = apply_overrides(RunConfig(), {"model.name": str(tiny_model_dir), "data.task": "obqa", "eval.shift": "blob,obqa",
                                         "eval.limit": 5, "data.train_limit": 10, "data.val_limit": 5,
@@ -249,7 +270,7 @@ def test_evaluating_on_a_split_the_run_tunes_on_is_refused_before_training(tmp_p
 
 def test_the_tuning_split_guard_names_only_splits_the_run_trains_or_validates_on(capsys):
     from swaglora.config import ConfigError
-    from swaglora.pipeline import check_eval_split
+    from swaglora.selection import check_eval_split
 
     cfg = lambda **kw: apply_overrides(RunConfig(), kw)  # noqa: E731
     check_eval_split(cfg(**{"eval.split": "test"}))

@@ -151,3 +151,16 @@ def test_from_directories(tmp_path):
     wide = MAP(small_model(out=5)).save(tmp_path / "wide")
     with pytest.raises(ValueError, match=r"member 0 vs \(5, 3\) in member 1"):
         Ensemble.from_directories([dirs[0], wide])
+
+
+def test_one_generator_per_member_gives_each_member_its_own_draws():
+    # MultiSWAG in a run: member i draws with the generator of its own seed, so its S draws are exactly those of
+    # the member's own row (the swag row is member 0 of multiswag), whatever the other members are
+    a, b = fitted_swag(0), fitted_swag(1)
+    ens = Ensemble([a, b])
+    draws = ens.draws(3, [gen(10), gen(11)], scale=0.3)
+    assert equal_draws(draws[:3], a.draws(3, gen(10), scale=0.3))
+    assert equal_draws(draws[3:], b.draws(3, gen(11), scale=0.3))
+    assert not equal_draws(draws, ens.draws(3, gen(10), scale=0.3))  # one shared generator: other draws for b
+    with pytest.raises(ValueError, match="1 generators for an ensemble of 2 members"):
+        ens.draws(3, [gen(10)])

@@ -368,7 +368,7 @@ def test_bootstrap_interval_of_accuracy_matches_the_hand_computed_distribution()
 def test_paired_differences_and_pooling_over_seeds():
     p, y = _random_predictive(400, 4, 5)
     tempered = torch.softmax(p.log() / 2, -1)  # the same ranking, flatter: a different NLL on every question
-    out = M.paired_bootstrap({"map": [p, p], "same": [p, p], "flat": [tempered, tempered]}, y, n_boot=400)
+    out = M.paired_bootstrap({"map": [p, p], "same": [p, p], "flat": [tempered, tempered]}, y, reference="map", n_boot=400)
     same = out["same"]
     for m in M.BOOTSTRAP_METRICS:
         assert same[f"{m}_diff"] == {"value": 0.0, "lo": 0.0, "hi": 0.0, "significant": False}
@@ -390,6 +390,6 @@ def test_paired_differences_and_pooling_over_seeds():
 def test_paired_bootstrap_validation():
     p, y = _random_predictive(10, 3, 0)
     with pytest.raises(ValueError, match="reference method 'map'"):
-        M.paired_bootstrap({"swag": [p]}, y)
+        M.paired_bootstrap({"swag": [p]}, y, reference="map")
     with pytest.raises(ValueError, match="level"):
         M.paired_bootstrap({"map": [p]}, y, level=1.5)

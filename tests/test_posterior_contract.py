@@ -9,7 +9,7 @@ from swaglora.config import LoraSettings, ModelConfig
 from swaglora.data import MCQExample
 from swaglora.models import add_lora, load_model
 from swaglora.params import trainable_parameters
-from swaglora.posterior import Ensemble, get_method, load_posterior, method_names
+from swaglora.posterior import MAP, Ensemble, get_method, load_posterior, method_names
 from swaglora.predict import predict_probs
 from swaglora.scoring import Scorer
 
@@ -31,13 +31,14 @@ def setup(tiny_model_dir):
 
 
 def build(name: str, model, scorer, examples):
-    """Construct, then feed a short trajectory: three weight settings, then the post-hoc fit."""
+    """Construct, then feed a short trajectory: three weight settings, then the post-hoc fit. A mixture
+    (``Ensemble``) is built of two point masses and fed through its members."""
     params = trainable_parameters(model)
     start = {k: v.detach().clone() for k, v in params.items()}
-    make = (lambda m: Ensemble([get_method("map")(m), get_method("map")(m)])) if name == "ensemble" else get_method(name)
-    posterior = make(model)
+    cls = get_method(name)
+    posterior = cls([MAP(model), MAP(model)]) if issubclass(cls, Ensemble) else cls(model)
     generator = torch.Generator().manual_seed(0)
-    members = posterior.members if name == "ensemble" else [posterior]
+    members = getattr(posterior, "members", [posterior])
     for step in range(3):
         with torch.no_grad():
             for p in params.values():
@@ -62,13 +63,21 @@ def build(name: str, model, scorer, examples):
 def test_contract(name, setup, tmp_path):
     model, scorer, examples = setup
     posterior = build(name, model, scorer, examples)
-    shapes = {k: tuple(v.shape) for k, v in trainable_parameters(model).items()}
+    params = trainable_parameters(model)
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
 
     a = posterior.draws(3, generator=torch.Generator().manual_seed(7))
     b = posterior.draws(3, generator=torch.Generator().manual_seed(7))
-    assert len(a) >= 1 and all({k: tuple(v.shape) for k, v in t.items()} == shapes for t in a)
+    members = getattr(posterior, "members", [posterior])
+    point = [m.is_point_mass and not m.stochastic_forward for m in members]
+    assert len(a) == sum(1 if p else 3 for p in point)  # a point mass gives one draw, anything else S = 3
+    assert all({k: tuple(v.shape) for k, v in t.items()} == shapes for t in a)
+    assert all(v.dtype == params[k].dtype and torch.isfinite(v).all() for t in a for k, v in t.items())
     for ta, tb in zip(a, b):
         assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the same seed gives the same draws
+    other = posterior.draws(3, generator=torch.Generator().manual_seed(8))
+    moved = any(not torch.equal(ta[k], to[k]) for ta, to in zip(a, other) for k in ta)
+    assert moved == any(not m.is_point_mass and not m.stochastic_forward for m in members)  # random iff it samples weights
 
     posterior.save(tmp_path / name, metadata={"base": "tiny"})
     loaded = load_posterior(tmp_path / name, model=model, expected_metadata={"base": "tiny"})
@@ -78,7 +87,11 @@ def test_contract(name, setup, tmp_path):
         assert all(torch.equal(ta[k], tc[k]) for k in ta)  # the round trip is exact
 
     probs = predict_probs(scorer, examples, loaded, n_samples=3, generator=torch.Generator().manual_seed(1))
-    assert probs.shape[1:] == (len(examples), max(e.n_choices for e in examples))
+    assert probs.shape == (len(a), len(examples), max(e.n_choices for e in examples))
+    again = predict_probs(scorer, examples, loaded, n_samples=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(probs, again)  # the predictive is a function of the seed (dropout masks included)
+    shifted = predict_probs(scorer, examples, loaded, n_samples=3, generator=torch.Generator().manual_seed(2))
+    assert (not torch.equal(probs, shifted)) == (not all(point))  # and random unless every member is a point mass
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]), atol=1e-5, rtol=0)
     for i, ex in enumerate(examples):
         assert torch.all(probs[:, i, ex.n_choices:] == 0)

@@ -423,3 +423,38 @@ def test_intervals_refuse_runs_scored_on_different_answers(tmp_path):
     block = results["intervals"][0]
     assert block["n"] == N and block["reference"] == "map" and [d["method"] for d in block["methods"]] == list(
         R.collect_results(runs)["methods"])
+
+
+def _hand_run(root: Path, seed: int, entropies: dict[str, list[float]], confidence: list[float], correct: list[bool]) -> Path:
+    """One method (``map``, one sample) on a 4-question test set and a 4-question shift set, with the stored
+    uncertainty fields set to the given numbers (the report reads them as they are)."""
+    run = root / f"hand{seed}"
+    for name, role in (("in", "test"), ("out", "shift")):
+        d = run / "eval" / name / "map"
+        d.mkdir(parents=True)
+        lines = [json.dumps({"id": f"{name}{i}", "question": "q", "probs": [c, 1 - c], "labels": ["A", "B"],
+                             "answer": "A" if ok else "B", "prediction": "A", "confidence": c, "correct": ok,
+                             "total_entropy": h, "expected_entropy": h, "mutual_information": 0.0})
+                 for i, (h, c, ok) in enumerate(zip(entropies[name], confidence, correct))]
+        (d / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+        (d / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "ece": 0.1, "nll": 0.5, "brier": 0.2, "n": 4,
+                                                    "method": "map", "eval_set": name, "role": role, "n_samples": 1,
+                                                    "seed": seed}))
+    return run
+
+
+def test_report_cells_computed_by_hand(tmp_path):
+    # OOD AUROC by entropy = the fraction of (in, out) pairs where the shift question is more uncertain:
+    # seed 0: 0.25 beats 2 of the 4 in-distribution entropies, 0.35 beats 3, 0.5 and 0.6 beat 4: 13/16;
+    # seed 1: 0.05 beats none, the others 4 each: 12/16. Mean 0.78125, sample std 0.0625/sqrt(2) = 0.0441942.
+    # Accuracy on the 50% most confident test questions (confidences 0.9, 0.8 first; correct 1, 0) = 0.5.
+    inside = [0.1, 0.2, 0.3, 0.4]
+    confidence, correct = [0.9, 0.8, 0.6, 0.55], [True, False, True, True]
+    runs = [_hand_run(tmp_path, 0, {"in": inside, "out": [0.25, 0.35, 0.5, 0.6]}, confidence, correct),
+            _hand_run(tmp_path, 1, {"in": inside, "out": [0.05, 0.5, 0.6, 0.7]}, confidence, correct)]
+    report = R.write_report(R.collect_results(runs), tmp_path / "report")
+    tables = parse_tables(report.read_text())
+    ood = next(t for t in tables if t[0][:2] == ["Method", "Score"])
+    assert ood[0][2] == "out AUROC" and ood[1][0][:3] == ["map", "entropy (total)", "0.7812 ± 0.0442"]
+    selective = next(t for t in tables if "in Acc@50%" in t[0])
+    assert selective[1][0][selective[0].index("in Acc@50%")] == "0.5000 ± 0.0000"

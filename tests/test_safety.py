@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swaglora import io, pipeline, validate
+from swaglora import io, members, rundir, selection, validate
 from swaglora.cli import main
 
 from conftest import make_examples, write_jsonl
@@ -54,8 +54,8 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("bad input reached model loading or training")
 
-    monkeypatch.setattr(pipeline, "load_model", forbidden)
-    monkeypatch.setattr(pipeline, "fit", forbidden)
+    monkeypatch.setattr(members, "load_model", forbidden)
+    monkeypatch.setattr(members, "fit", forbidden)
 
 
 def one_error(capsys, code: int, expected: str) -> str:
@@ -146,7 +146,7 @@ def test_os_errors_while_writing_are_one_line(tmp_path, tiny_model_dir, files, c
     def fail(path, obj):
         raise OSError(err, os.strerror(err), str(path))
 
-    monkeypatch.setattr(pipeline, "atomic_write_json", fail)
+    monkeypatch.setattr(rundir, "atomic_write_json", fail)
     code = main(["train", *tiny_args(tiny_model_dir, files), "--out", str(tmp_path / "run")])
     one_error(capsys, code, f"{os.strerror(err)}")
 
@@ -252,7 +252,7 @@ def test_warnings_say_what_is_skipped_or_cut(tmp_path, tiny_model_dir, files, ca
     assert "--methods ensemble is skipped" in err
     assert "--lr 1e+06 is far above the usual" in err
     # "Question: Which word is <w>?\nAnswer:" is longer than 12 tokens minus the choices for every question
-    n_train = len(pipeline._training_data(resolve_config(args))[0])
+    n_train = len(selection.training_data(resolve_config(args))[0])
     assert f"{files['train']} (training): {n_train} of {n_train} questions are longer than --max-length 12" in err
     assert not (tmp_path / "r").exists()
 
@@ -266,7 +266,7 @@ def test_long_choices_are_a_counted_warning(tmp_path, tiny_model_dir, files, cap
 
     args = build_parser().parse_args(["evaluate", "--model", str(tiny_model_dir), "--scoring", "cloze",
                                       "--data", str(path), "--out", str(tmp_path / "o")])
-    validate.preflight(resolve_config(args), "zero-shot", tmp_path / "o")
+    validate.preflight(resolve_config(args), "base", tmp_path / "o")
     assert f"{path}: 2 of 5 questions have choices longer than 64 tokens; cloze scoring uses only their first 64" \
         in capsys.readouterr().err
 
@@ -285,7 +285,7 @@ def test_changed_data_damaged_posteriors_and_permissions(tmp_path, tiny_model_di
     finally:
         os.umask(old_umask)
     marker = json.loads((run / "swaglora_run.json").read_text())
-    assert marker["format_version"] == pipeline.RUN_FORMAT_VERSION
+    assert marker["format_version"] == rundir.RUN_FORMAT_VERSION
     assert marker["data_sha256"] == {str(files["train"]): hashlib.sha256(files["train"].read_bytes()).hexdigest()}
     capsys.readouterr()
 
@@ -299,7 +299,7 @@ def test_changed_data_damaged_posteriors_and_permissions(tmp_path, tiny_model_di
     assert snapshot(run) == before
     assert main(["train", *args, "--overwrite"]) == 0  # retrains on the new contents
     done = json.loads((run / "members" / "0" / "done.json").read_text())
-    assert done["n_train"] == len(pipeline._training_data(pipeline.load_run_config(run))[0])
+    assert done["n_train"] == len(selection.training_data(rundir.load_run_config(run))[0])
 
     # a LoRA of another shape: one line, before any row is evaluated
     capsys.readouterr()
@@ -343,7 +343,7 @@ def test_genuine_bugs_keep_their_traceback(tmp_path, tiny_model_dir, files, monk
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(pipeline, "open_session", bug)
+    monkeypatch.setattr(members, "open_session", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["train", *tiny_args(tiny_model_dir, files), "--out", str(tmp_path / "run")])
 
@@ -363,7 +363,7 @@ def test_seeds_are_all_checked_before_the_first_one_trains(tmp_path, tiny_model_
     (out / "seed-1").mkdir(parents=True)
     (out / "seed-1" / "notes.txt").write_text("mine")
     one_error(capsys, main(args), f"--out {out}: not empty and not a swaglora run")  # the parent is not ours
-    pipeline.write_run_marker(out)  # as an earlier `run --seeds` leaves it
+    rundir.write_run_marker(out)  # as an earlier `run --seeds` leaves it
     one_error(capsys, main(args), f"--out {out / 'seed-1'}: not empty and not a swaglora run")
     assert sorted(p.name for p in out.iterdir()) == ["seed-1", "swaglora_run.json"]  # seed 0 was not trained first
     (out / "seed-1" / "notes.txt").unlink()

@@ -122,16 +122,15 @@ def _cmd_tasks() -> int:
 
 
 def _cmd_methods() -> int:
-    from .pipeline import ROWS
-    from .posterior import get_method, method_names
+    from .posterior import get_method, method_names, rows
 
     print("posterior methods (swaglora.posterior):")
     for name in method_names():
         doc = (get_method(name).__doc__ or "").strip().splitlines()
         print(f"  {name:<15} {doc[0] if doc else ''}")
     print("\nresults-table rows (--methods):")
-    for name, row in ROWS.items():
-        print(f"  {name:<15} {row.help}")
+    for row in rows():
+        print(f"  {row.name:<15} {row.help}")
     return 0
 
 
@@ -218,6 +217,7 @@ def _quiet() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline, validate
+    from .members import open_session, train_members
 
     if args.command == "tasks":
         return _cmd_tasks()
@@ -255,8 +255,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members)
         _print_choice(cfg)
         pipeline.prepare_run_dir(cfg, out, args.overwrite, plan.data_sha256)
-        session = pipeline.open_session(cfg)
-        pipeline.train_members(session, out, members, plan.rows, progress=progress)
+        session = open_session(cfg)
+        train_members(session, out, members, plan.rows, progress=progress)
         print(f"trained members {members} into {out}")
         return 0
     if args.command == "evaluate":
@@ -265,17 +265,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
-    from . import pipeline, validate
+    from . import evaluate, rundir, validate
+    from .members import open_session
 
     runs = [Path(r) for r in args.run]
     if runs:
-        cfg = resolve_config(args, base=pipeline.load_run_config(runs[0]))
+        cfg = resolve_config(args, base=rundir.load_run_config(runs[0]))
         out = Path(args.out) if args.out else runs[0]
         plan = validate.preflight(cfg, "evaluate", out, runs=runs)
         _print_choice(cfg)
         validate.claim_dir(out)
-        session = pipeline.open_session(cfg)
-        pipeline.evaluate_run(session, runs, plan.rows, out, progress=progress)
+        session = open_session(cfg)
+        evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress)
         _report([out], out)
         return 0
     # zero-shot evaluation of a base model on one data set
@@ -283,11 +284,11 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         raise ConfigError("evaluate needs --out DIR (and --model/--data or --task), or --run RUN_DIR")
     cfg = resolve_config(args)
     out = Path(args.out)
-    validate.preflight(cfg, "zero-shot", out)
+    validate.preflight(cfg, "base", out)
     _print_choice(cfg)
     validate.claim_dir(out)
-    session = pipeline.open_session(cfg, with_data=False)
-    results = pipeline.evaluate_base(session, out, progress=progress)
+    session = open_session(cfg, with_data=False)
+    results = evaluate.evaluate_base(session, out, progress=progress)
     for r in results:
         print(f"{r['eval_set']}: accuracy {r['accuracy']:.4f}  ece {r['ece']:.4f}  nll {r['nll']:.4f}  "
               f"brier {r['brier']:.4f}  n {r['n']}")

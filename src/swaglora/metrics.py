@@ -370,7 +370,7 @@ def resampled_metrics(probs: Any, labels: Any, counts: Any, n_bins: int = 15) ->
     }
 
 
-def paired_bootstrap(predictives: dict[str, list[Any]], labels: Any, reference: str | None = "map",
+def paired_bootstrap(predictives: dict[str, list[Any]], labels: Any, reference: str | None = None,
                      n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     """Percentile intervals over resampled questions, paired across methods and pooled over seeds.
 

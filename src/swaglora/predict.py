@@ -17,6 +17,7 @@ the logits are then Gaussian, N(f, J Sigma J^T), and S samples of them cost noth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -158,23 +159,28 @@ def predict_probs(
     examples: list[MCQExample],
     posterior: Posterior,
     n_samples: int,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     cache: HiddenCache | None = None,
     batch_size: int = 16,
     scale: float | None = None,
     temperature: float = 1.0,
     progress=None,
     linearized: bool = False,
+    forward_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-sample probabilities ``[S, N, C]`` (padded choices have probability 0).
 
-    ``linearized=True``: through the linearised model (``predict_logits_linearized``), for posteriors that have it.
+    ``generator`` draws the weights (an :class:`Ensemble` also takes one generator per member);
+    ``forward_generator`` (default: ``generator``) the randomness inside a forward pass: MC-dropout masks and
+    the linearised predictive's logit samples. ``linearized=True``: through the linearised model
+    (``predict_logits_linearized``), for posteriors that have it.
     """
     common = {"cache": cache, "batch_size": batch_size, "progress": progress}
+    forward = generator if forward_generator is None else forward_generator
     if linearized:
-        logits = predict_logits_linearized(scorer, examples, posterior, n_samples, generator, scale=scale, **common)
+        logits = predict_logits_linearized(scorer, examples, posterior, n_samples, forward, scale=scale, **common)
     else:
         thetas = posterior.draws(n_samples, generator=generator, scale=scale)
         logits = predict_logits(scorer, examples, thetas, stochastic=posterior.stochastic_forward,
-                                dropout_generator=generator, **common)
+                                dropout_generator=forward, **common)
     return torch.softmax(logits / temperature, dim=-1)

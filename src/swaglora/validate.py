@@ -18,10 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import pipeline
+from . import rundir
 from .config import ConfigError, ModelConfig, RunConfig
 from .data import MCQExample
 from .io import read_json
+from .evaluate import requested_rows, row_unavailable
+from .members import check_schedule
+from .posterior import base_rows, row
+from .selection import base_examples, eval_data, training_data
 from .models import DEFAULT_SCORING, EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype
 
 __all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "is_run_dir",
@@ -70,7 +74,7 @@ def check_out_dir(out: str | Path, overwrite: bool = False, flag: str = "--out")
         raise ConfigError(f"{flag} {text}: not empty and not a swaglora run (no {RUN_MARKER}); swaglora writes into, "
                           "or deletes with --overwrite, only its own run directories: give a new or empty one")
     if not overwrite and is_run_dir(resolved):
-        pipeline.check_run_format(resolved)
+        rundir.check_run_format(resolved)
     existing = next(p for p in (resolved, *resolved.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"{flag} {text}: {existing} is a file, not a directory")
@@ -82,7 +86,7 @@ def check_out_dir(out: str | Path, overwrite: bool = False, flag: str = "--out")
 def claim_dir(path: Path) -> None:
     """Put the run marker into a checked output directory that lacks it, so swaglora may write into it again."""
     if not is_run_dir(path):
-        pipeline.write_run_marker(Path(path))
+        rundir.write_run_marker(Path(path))
 
 
 def check_device(name: str) -> None:
@@ -136,10 +140,10 @@ def _check_members(indices: list[int] | None, members: int) -> None:
 
 def _check_rows(cfg: RunConfig) -> list[str]:
     """The table rows; a requested row the settings cannot build is a warning, none at all an error."""
-    requested = pipeline.requested_rows(cfg)
-    skipped = {r: why for r in requested if (why := pipeline.row_unavailable(cfg, r))}
+    requested = requested_rows(cfg)
+    skipped = {r: why for r in requested if (why := row_unavailable(cfg, r))}
     rows = [r for r in requested if r not in skipped]
-    if skipped and rows == ["zero-shot"]:
+    if skipped and all(row(r).before_training for r in rows):
         raise ConfigError("none of --methods can be built with these settings: "
                           + "; ".join(f"{r} {why}" for r, why in skipped.items()))
     for r, why in skipped.items():
@@ -277,7 +281,7 @@ class Plan:
 
 def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = False,
               members: list[int] | None = None, runs: list[Path] = ()) -> Plan:
-    """Check everything ``command`` (run, train, evaluate = ``evaluate --run``, zero-shot) will need.
+    """Check everything ``command`` (run, train, evaluate = ``evaluate --run``, base = ``evaluate --model``) will need.
 
     Raises ConfigError, DataError or ModelError (one line each) before any weight is loaded or any file
     written; prints warnings for requests that will be partly ignored.
@@ -286,18 +290,18 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     resolve_dtype(cfg.model.dtype)  # a bad SWAGLORA_AUTO_DTYPE pin is one line, here
     check_out_dir(out, overwrite)
     _check_members(members, cfg.swag.members)
-    if command == "zero-shot":
-        _check_model(cfg, [(cfg.data.data or cfg.data.task, pipeline.base_examples(cfg))])
-        return Plan(["zero-shot"], data_sha256(cfg, evaluating=False))
+    if command == "base":
+        _check_model(cfg, [(cfg.data.data or cfg.data.task, base_examples(cfg))])
+        return Plan([r.name for r in base_rows()], data_sha256(cfg, evaluating=False))
     rows = _check_rows(cfg)
     _warn_learning_rates(cfg)
-    train, validation = pipeline._training_data(cfg)
+    train, validation = training_data(cfg)
     if command != "evaluate":
-        pipeline.check_schedule(cfg, len(train))
+        check_schedule(cfg, len(train))
     spec = cfg.data.data or cfg.data.task
     sets = [(f"{spec} (training)", train), (f"{spec} (validation)", validation)]
     if command != "train":
-        sets += [(name, examples) for name, _, examples in pipeline.eval_data(cfg)]
+        sets += [(name, examples) for name, _, examples in eval_data(cfg)]
     hashes = data_sha256(cfg, evaluating=command != "train")
     for run_dir in runs or ([] if overwrite else [out]):
         _check_data_unchanged(cfg, Path(run_dir), hashes)

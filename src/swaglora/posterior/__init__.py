@@ -19,6 +19,7 @@ from swaglora.posterior.base import (
     FORMAT_VERSION,
     TENSORS_NAME,
     Posterior,
+    Row,
     load_posterior,
 )
 from swaglora.posterior.dropout import MCDropout
@@ -27,39 +28,19 @@ from swaglora.posterior.laplace import Laplace
 from swaglora.posterior.map import MAP
 from swaglora.posterior.swag import SWAG, SWAGDiag, SWAGState
 
-METHODS: dict[str, type[Posterior]] = {}
-
-
-class UnknownMethodError(KeyError, ValueError):
-    """Raised by :func:`get_method`; a KeyError and a ValueError, with a readable message."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def register(cls: type[Posterior]) -> type[Posterior]:
-    """Add a Posterior subclass under ``cls.name`` (usable as a decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, Posterior)):
-        raise TypeError(f"register() expects a Posterior subclass, got {cls!r}")
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{cls.__name__} has no 'name' to register under")
-    if METHODS.get(name, cls) is not cls:
-        raise ValueError(f"method name {name!r} is already registered to {METHODS[name].__name__}")
-    METHODS[name] = cls
-    return cls
-
-
-def method_names() -> list[str]:
-    return sorted(METHODS)
-
-
-def get_method(name: str) -> type[Posterior]:
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise UnknownMethodError(f"Unknown method {name!r}. Available: {', '.join(method_names())}") from None
-
+from swaglora.posterior.registry import (
+    METHODS,
+    ROWS,
+    UnknownMethodError,
+    base_rows,
+    get_method,
+    method_names,
+    reference_row,
+    register,
+    row,
+    row_names,
+    rows,
+)
 
 for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace):
     register(_cls)
@@ -78,6 +59,13 @@ __all__ = [
     "Laplace",
     "MCDropout",
     "Posterior",
+    "ROWS",
+    "Row",
+    "base_rows",
+    "reference_row",
+    "row",
+    "row_names",
+    "rows",
     "UnknownMethodError",
     "get_method",
     "load_posterior",

@@ -15,15 +15,19 @@ import json
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from swaglora import __version__
+from swaglora._version import __version__
 from swaglora.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from swaglora.params import Shapes, check_same_shapes, numel, parameter_shapes, trainable_parameters
+
+if TYPE_CHECKING:
+    from swaglora.config import RunConfig
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "posterior_config.json"
@@ -43,6 +47,32 @@ def check_state_shapes(expected: Shapes, state: Mapping[str, Tensor], what: str)
     check_same_shapes(expected, parameter_shapes(state), f"{what} state", "given state_dict")
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of the results table, declared by the posterior class it is built from (``Posterior.rows``).
+
+    The row's predictive is the BMA of the saved posterior of one member, or the equal-weight mixture of every
+    member's (``all_members``: MultiSWAG, deep ensembles).
+    """
+
+    name: str  # the row's name in --methods and in the tables
+    order: float  # position in tables (ascending)
+    help: str = ""
+    all_members: bool = False  # True: equal-weight ensemble over every member
+    scale: float | None = None  # covariance scale override (0 = the mean)
+    sampled: bool = True  # False: one draw (a point estimate)
+    linearized: bool = False  # True: average through the linearised model (GLM predictive) instead of weight draws
+    before_training: bool = False  # True: the posterior built at a member's initial weights (the base model); in every table
+    reference: bool = False  # True: the fine-tuned point estimate: post-hoc methods are fitted at its weights, and
+    # the report's paired differences are taken to it
+    method: str = ""  # the registry name of the declaring class (filled in by ``register``)
+
+    @property
+    def saved(self) -> str:
+        """The directory under ``members/<i>/posteriors/`` holding the posterior the row uses."""
+        return "init" if self.before_training else self.method
+
+
 class Posterior(ABC):
     """A distribution over a model's trainable parameters."""
 
@@ -55,6 +85,20 @@ class Posterior(ABC):
     default_scale: ClassVar[float | None] = None
     # True: the run's ``swag.scale`` (``--swag-scale``), when the user sets it, replaces the default scale
     takes_swag_scale: ClassVar[bool] = False
+    # True: the class implements linearization(), linearization_point() and logit_covariance()
+    linearized_predictive: ClassVar[bool] = False
+    # the results-table rows this method provides (read from the class itself, not inherited)
+    rows: ClassVar[tuple[Row, ...]] = ()
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: RunConfig) -> Posterior:
+        """A new posterior over ``model``'s trainable weights with the settings of a run's config."""
+        return cls(model)
+
+    @classmethod
+    def samples_for(cls, cfg: RunConfig, row: Row) -> int:
+        """How many draws the BMA of ``row`` averages over."""
+        return cfg.swag.samples if row.sampled else 1
 
     def __init__(self, model: nn.Module | Shapes, **hparams: Any) -> None:
         """Record names/shapes of ``model``'s trainable parameters (or take a ``{name: shape}`` map)."""
@@ -167,6 +211,25 @@ class Posterior(ABC):
         return load_posterior(directory, model, expected_metadata, expected_method=cls.name)
 
 
+#: registry name -> Posterior subclass (filled by :func:`swaglora.posterior.registry.register`); here, so that
+#: loading a saved posterior by its method name needs no import of the registry
+METHODS: dict[str, type[Posterior]] = {}
+
+
+class UnknownMethodError(KeyError, ValueError):
+    """Raised by :func:`get_method`; a KeyError and a ValueError, with a readable message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_method(name: str) -> type[Posterior]:
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise UnknownMethodError(f"Unknown method {name!r}. Available: {', '.join(sorted(METHODS))}") from None
+
+
 def _differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     expected = json.loads(json.dumps(dict(expected)))  # tuples -> lists, as they were saved
     return [
@@ -198,8 +261,6 @@ def load_posterior(
     every key of ``expected_metadata`` / ``expected_hparams`` must equal the saved value;
     ``expected_method`` must equal the saved method. Any difference raises ValueError.
     """
-    from swaglora.posterior import get_method  # the registry imports this module
-
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     config = read_json(config_path)

@@ -15,6 +15,7 @@ dropout rate is the model's own (``lora.dropout``); with rate 0 the predictive i
 
 from __future__ import annotations
 
+from swaglora.posterior.base import Row
 from swaglora.posterior.map import MAP
 
 
@@ -23,6 +24,7 @@ class MCDropout(MAP):
 
     name = "dropout"
     stochastic_forward = True
+    rows = (Row("dropout", 70, "MC dropout: MAP weights with LoRA dropout kept on while predicting"),)
 
     @property
     def is_point_mass(self) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from swaglora.params import Shapes, shape_mismatches
-from swaglora.posterior.base import Posterior, load_posterior, make_generator
+from swaglora.posterior.base import Posterior, get_method, load_posterior, make_generator
 
 
 class Ensemble(Posterior):
@@ -56,8 +56,15 @@ class Ensemble(Posterior):
         return self.members[i].sample(g, scale)
 
     def draws(
-        self, n_samples: int, generator: torch.Generator | None = None, scale: float | None = None
+        self, n_samples: int, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        scale: float | None = None,
     ) -> list[dict[str, Tensor]]:
+        """Every member's draws in turn, from one ``generator``, or from one generator per member (member i's
+        draws are then exactly those it gives alone with its own generator)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(self.members):
+                raise ValueError(f"{len(generator)} generators for an ensemble of {len(self.members)} members")
+            return [d for member, g in zip(self.members, generator) for d in member.draws(n_samples, g, scale)]
         g = make_generator(generator)
         return [d for member in self.members for d in member.draws(n_samples, g, scale)]
 
@@ -88,8 +95,6 @@ class Ensemble(Posterior):
     def from_config(
         cls, parameters: Shapes, hparams: Mapping[str, Any], state: Mapping[str, Tensor], device: str = "cpu"
     ) -> Ensemble:
-        from swaglora.posterior import get_method
-
         specs = hparams.get("members")
         if not isinstance(specs, list) or not specs:
             raise ValueError("ensemble config has no 'members' list")

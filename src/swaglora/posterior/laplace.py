@@ -61,13 +61,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swaglora.posterior.base import Posterior, check_state_shapes, make_generator
+from swaglora.posterior.base import Posterior, Row, check_state_shapes, make_generator
+
+if TYPE_CHECKING:
+    from swaglora.config import RunConfig
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _GRID = torch.logspace(-4, 8, 49, dtype=torch.float64)  # 4 per decade
@@ -85,6 +88,11 @@ class Laplace(Posterior):
 
     name = "laplace"
     default_scale = 1.0
+    linearized_predictive = True
+    rows = (
+        Row("laplace", 80, "Laplace-LoRA: KFAC curvature at the MAP weights, linearised (GLM) predictive", linearized=True),
+        Row("laplace-sample", 90, "Laplace-LoRA with the predictive sampled in weight space"),
+    )
 
     def __init__(
         self,
@@ -115,6 +123,15 @@ class Laplace(Posterior):
         self.prior_precision, self.n_data, self.log_likelihood = math.nan, 0, math.nan
         if isinstance(model, nn.Module):
             self.collect(model)
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: RunConfig) -> Laplace:
+        return cls(model, subset=cfg.laplace.subset, prior_precision=cfg.laplace.prior_precision or None)
+
+    @classmethod
+    def samples_for(cls, cfg: RunConfig, row: Row) -> int:
+        """The linearised predictive's logit samples cost no forward pass, so it takes many (``laplace.glm_samples``)."""
+        return cfg.laplace.glm_samples if row.linearized else super().samples_for(cfg, row)
 
     # ------------------------------------------------------------------ layout
     def _check_layout(self, layout: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from swaglora.params import Shapes
-from swaglora.posterior.base import Posterior, check_state_shapes
+from swaglora.posterior.base import Posterior, Row, check_state_shapes
 
 
 class MAP(Posterior):
@@ -18,6 +18,11 @@ class MAP(Posterior):
     """
 
     name = "map"
+    rows = (
+        Row("zero-shot", 0, "the base model before fine-tuning", sampled=False, before_training=True),
+        Row("map", 10, "LoRA fine-tuning, best validation epoch", sampled=False, reference=True),
+        Row("ensemble", 60, "deep ensemble of the members' MAP weights", all_members=True),
+    )
 
     def __init__(self, model: nn.Module | Shapes, device: str | torch.device | None = None) -> None:
         super().__init__(model)

@@ -29,13 +29,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from swaglora.params import Shapes, flatten, unflatten
-from swaglora.posterior.base import Posterior, check_state_shapes, make_generator
+from swaglora.posterior.base import Posterior, Row, check_state_shapes, make_generator
+
+if TYPE_CHECKING:
+    from swaglora.config import RunConfig
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -56,6 +59,11 @@ class SWAG(Posterior):
     trajectory = True
     default_scale = 0.5  # the paper's 1/2 (Sigma_diag + Sigma_lowrank); a rank <= 1 posterior uses SWAGDiag's
     takes_swag_scale = True
+    rows = (
+        Row("swa", 20, "SWAG mean (stochastic weight averaging)", scale=0.0, sampled=False),
+        Row("swag", 40, "SWAG, diagonal + low-rank covariance"),
+        Row("multiswag", 50, "ensemble of the members' SWAG posteriors", all_members=True),
+    )
 
     def __init__(
         self,
@@ -78,6 +86,10 @@ class SWAG(Posterior):
         self.default_scale = float(default_scale)
         zeros = lambda *shape: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
         self.state = SWAGState(zeros(self.num_params), zeros(self.num_params), zeros(self.max_rank, self.num_params))
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: RunConfig) -> SWAG:
+        return cls(model, max_rank=cfg.swag.max_rank)
 
     def collect(self, model: nn.Module) -> None:
         theta = flatten(self._read(model), dtype=self.dtype, device=self.device)
@@ -153,6 +165,7 @@ class SWAGDiag(SWAG):
 
     name = "swag-diag"
     default_scale = 1.0  # SWAG-diagonal of Maddox et al. samples N(mean, diag(var)) unscaled
+    rows = (Row("swag-diag", 30, "SWAG with diagonal covariance"),)
 
     def __init__(
         self,
@@ -163,6 +176,10 @@ class SWAGDiag(SWAG):
         default_scale: float | None = None,
     ) -> None:
         super().__init__(model, 0, var_clamp, dtype, device, default_scale)
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: RunConfig) -> SWAGDiag:
+        return cls(model)
 
     def hparams(self) -> dict[str, Any]:
         return {k: v for k, v in super().hparams().items() if k != "max_rank"}

@@ -1,0 +1,209 @@
+"""Evaluating a run: the table rows it asks for, and every row on every evaluation set through
+:func:`predict.predict_probs`, with temperature scaling on top where asked; the files are :mod:`rundir`'s."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .calibration import apply_temperature, fit_temperature
+from .config import RunConfig
+from .data import MCQExample
+from .io import atomic_write_json, read_json
+from .members import Session, add_posthoc_posterior
+from .params import trainable_parameters
+from .posterior import Ensemble, Posterior, Row, base_rows, get_method, load_posterior, row, row_names
+from .predict import predict_logits, predict_probs
+from .rundir import member_dirs, set_dir_name, write_eval
+from .selection import base_examples, check_eval_split, eval_data
+
+__all__ = ["SCALE_GRID", "requested_rows", "row_unavailable", "table_rows", "eval_sets", "draw_generator",
+           "evaluate_run", "evaluate_base"]
+
+
+#: ``--swag-scale auto`` chooses among these covariance scales by validation NLL.
+SCALE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def requested_rows(cfg: RunConfig) -> list[str]:
+    """zero-shot and the rows of ``--methods``, in order; an unknown name raises ValueError."""
+    wanted = row_names() if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
+    rows = [base.name for base in base_rows()] + wanted
+    for name in rows:
+        row(name)  # an unknown name raises ValueError
+    check_eval_split(cfg)  # every command that trains or evaluates a run asks for its rows first
+    return list(dict.fromkeys(rows))
+
+
+def row_unavailable(cfg: RunConfig, name: str) -> str | None:
+    """Why a table row cannot be built with these settings, or None."""
+    spec = row(name)
+    if cfg.swag.epochs == 0 and get_method(spec.method).trajectory:
+        return "needs SWAG epochs (--swag-epochs is 0)"
+    if cfg.swag.members < 2 and spec.all_members:
+        return f"needs --members 2 or more (--members is {cfg.swag.members})"
+    return None
+
+
+def table_rows(cfg: RunConfig) -> list[str]:
+    """The rows of the results table: the requested ones these settings can build."""
+    return [r for r in requested_rows(cfg) if row_unavailable(cfg, r) is None]
+
+
+def check_posteriors(session: Session, members: list[Path], rows: list[str]) -> None:
+    """Load every saved posterior the rows use, of every member, before any row is evaluated: a damaged file
+    or a run of another base model or LoRA setup fails at once."""
+    for member in members:
+        for name in sorted({row(r).saved for r in rows}):
+            if (member / "posteriors" / name).is_dir():
+                load_posterior(member / "posteriors" / name, model=session.model, expected_metadata=session.metadata)
+
+
+def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
+    """(name, role, examples) for validation, the in-distribution test split and every shift set."""
+    return [("validation", "validation", session.validation), *eval_data(session.cfg)]
+
+
+def draw_generator(member_seed: int, method: str, eval_set: str | None = None) -> torch.Generator:
+    """The generator of the random draws of one member posterior: a function of the member's training seed
+    (:func:`member_seed`, so of the run's seed and the member index), the posterior and the evaluation set
+    only, never of paths or time.
+
+    ``eval_set=None`` seeds the posterior's *weight* draws, which are the same for every evaluation set (and
+    for ``swaglora predict``): the S models of the Bayesian model average are one set of models, so a
+    question gets the same probabilities in whichever set it is scored, and in-distribution and shift sets
+    are compared under the same draws (OOD detection). Randomness inside a forward pass (MC-dropout masks,
+    the linearised predictive's logit samples) uses the generator of the set.
+    """
+    key = f"{member_seed}/{method}" if eval_set is None else f"{member_seed}/{method}/{eval_set}"
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+
+
+def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
+    """Evaluate every table row on every evaluation set with the shared prediction path.
+
+    A row's posterior is one member's saved posterior, or the equal-weight :class:`Ensemble` of every member's
+    (MultiSWAG, deep ensembles); either goes through :func:`predict.predict_probs`. Member ``i``'s weights are
+    drawn with :func:`draw_generator` of its own seed (the same weights for every set), so the ``swag`` row and
+    member 0 of ``multiswag`` are the same S draws. A row samples with its posterior's own default scale unless
+    the row fixes one (``Row.scale``) or the user set ``swag.scale`` for posteriors that take it.
+    """
+    members = member_dirs(run_dirs)
+    check_posteriors(session, members, rows)
+    sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
+    bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
+    evaluation = _RowEvaluation(session, members, sets, out_dir, bar)
+    results = [result for name in rows for result in evaluation.write_row(row(name))]
+    bar.close()
+    return results
+
+
+class _RowEvaluation:
+    """The table rows of one evaluation: posteriors of the members, the auto scale, predictions, files."""
+
+    def __init__(self, session: Session, members: list[Path], sets: list, out_dir: Path, bar: Any) -> None:
+        self.session, self.cfg, self.members, self.sets, self.out_dir, self.bar = session, session.cfg, members, sets, out_dir, bar
+        self.seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
+        self.chosen: dict[tuple, float] = {}
+
+    def posterior(self, index: int, spec: Row) -> Posterior:
+        directory = self.members[index] / "posteriors" / spec.saved
+        if not directory.is_dir():
+            add_posthoc_posterior(self.session, self.members[index], spec.method)
+        return load_posterior(directory, model=self.session.model, expected_metadata=self.session.metadata)
+
+    def predict(self, posterior: Posterior, used: range, spec: Row, examples: list[MCQExample], n: int,
+                scale: float | None, set_name: str | None = None, progress: Any = None) -> torch.Tensor:
+        """Sample probabilities ``[S, N, C]``: weights drawn per member seed, in-forward randomness per set."""
+        weights = [draw_generator(self.seeds[i], spec.saved) for i in used]
+        return predict_probs(self.session.scorer, examples, posterior, n, weights if len(weights) > 1 else weights[0],
+                             forward_generator=draw_generator(self.seeds[used[0]], spec.saved, set_name) if set_name else None,
+                             cache=self.session.cache, batch_size=self.cfg.eval.batch_size, scale=scale,
+                             linearized=spec.linearized, progress=progress)
+
+    def auto_scale(self, spec: Row, n: int) -> float:
+        """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the draws
+        its evaluation uses)."""
+        key = (spec.saved, n)
+        if key not in self.chosen:
+            validation = [(set_name, ex) for set_name, role, ex in self.sets if role == "validation"]
+            if not validation:
+                raise ValueError("--swag-scale auto needs a validation set")
+            examples = validation[0][1]
+            labels = torch.tensor([ex.answer_index for ex in examples])
+            posterior = self.posterior(0, spec)
+            scores = {scale: metrics.nll(metrics.predictive(self.predict(posterior, range(1), spec, examples, n, scale)), labels)
+                      for scale in SCALE_GRID}
+            self.chosen[key] = min(scores, key=scores.get)
+            atomic_write_json(self.out_dir / "eval" / f"scale-{spec.saved}.json", {"grid_nll": scores, "chosen": self.chosen[key]})
+        return self.chosen[key]
+
+    def write_row(self, spec: Row) -> list[dict]:
+        """Predict the row on every set (and its temperature-scaled variant), write and return the results."""
+        cfg, method = self.cfg, get_method(spec.method)
+        n, scale, setting = method.samples_for(cfg, spec), spec.scale, cfg.swag.scale_setting
+        if scale is None and spec.sampled and method.takes_swag_scale:
+            scale = self.auto_scale(spec, n) if setting == "auto" else setting
+        used = range(len(self.members)) if spec.all_members else range(1)
+        start = time.perf_counter()
+        parts = [self.posterior(i, spec) for i in used]
+        posterior = Ensemble(parts) if spec.all_members else parts[0]
+        probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
+                 for set_name, _, examples in self.sets}
+        common = {"n_members": len(used), "scale": (scale if scale is not None else parts[0].default_scale) if spec.sampled else spec.scale,
+                  "seconds": time.perf_counter() - start, "seed": cfg.train.seed}
+        variants = [(spec.name, probs, {})]
+        if cfg.eval.calibrate == "temperature":
+            variants.append((f"{spec.name}+ts", *_temperature_scaled(probs, self.sets)))
+        results = []
+        for label, set_probs, extra in variants:
+            for set_name, role, examples in self.sets:
+                info = {"method": label, "eval_set": set_name, "role": role, "n_samples": set_probs[set_name].shape[0],
+                        **common, **extra}
+                out = self.out_dir / "eval" / set_dir_name(set_name) / label
+                results.append(write_eval(out, examples, set_probs[set_name], info))
+        return results
+
+
+def _bma_log_probs(probs: torch.Tensor, examples: list[MCQExample]) -> torch.Tensor:
+    """``log`` of the BMA predictive ``[N, C]`` of sample probabilities ``[S, N, C]``: ``-inf`` exactly at the
+    absent choices (beyond an example's choice count), present ones at least ``log`` of the smallest normal
+    float, so that fitting and applying a temperature see the same choices."""
+    present = torch.arange(probs.shape[-1])[None, :] < torch.tensor([ex.n_choices for ex in examples])[:, None]
+    log_pred = metrics.predictive(probs).double().clamp_min(torch.finfo(torch.float64).tiny).log()
+    return log_pred.masked_fill(~present, float("-inf"))
+
+
+def _temperature_scaled(probs: dict[str, torch.Tensor], sets) -> tuple[dict[str, torch.Tensor], dict]:
+    """Temperature scaling on top of any method: one T fitted on the validation predictive by NLL
+    (logits = log of the BMA-averaged probabilities, absent choices ``-inf``), applied to every set."""
+    validation = [(name, ex) for name, role, ex in sets if role == "validation"]
+    if not validation:
+        raise ValueError("--calibrate temperature needs a validation set")
+    name, examples = validation[0]
+    labels = torch.tensor([ex.answer_index for ex in examples])
+    temperature = fit_temperature(_bma_log_probs(probs[name], examples), labels)
+    scaled = {}
+    for set_name, _, set_examples in sets:
+        logits = apply_temperature(_bma_log_probs(probs[set_name], set_examples), temperature)
+        scaled[set_name] = torch.softmax(logits, -1)[None].float()
+    return scaled, {"temperature": temperature}
+
+
+def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> list[dict]:
+    """Zero-shot evaluation of the base model (LoRA at init is the identity) on ``--data`` or ``--task/--split``;
+    writes ``out_dir/metrics.json`` and ``out_dir/predictions.jsonl``."""
+    cfg = session.cfg
+    spec = cfg.data.data or cfg.data.task
+    examples = base_examples(cfg)
+    thetas = [{k: v.detach().clone() for k, v in trainable_parameters(session.model).items()}]
+    logits = predict_logits(session.scorer, examples, thetas, cache=session.cache, batch_size=cfg.eval.batch_size)
+    info = {"method": base_rows()[0].name, "eval_set": spec, "role": "test", "n_samples": 1, "n_members": 1, "scale": None,
+            "seconds": None, "seed": cfg.train.seed, "model": session.lm.name, "scoring": session.scorer.mode}
+    return [write_eval(out_dir, examples, torch.softmax(logits, -1), info)]

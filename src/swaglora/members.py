@@ -1,0 +1,199 @@
+"""Training the members of a run: the session (model, scorer, cache, data), each member's training with the
+posteriors collected along it, and post-hoc fitting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint, distributed
+from ._version import __version__
+from .config import RunConfig
+from .data import MCQExample
+from .io import atomic_write_json
+from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
+from .params import trainable_parameters, use_params
+from .posterior import Posterior, base_rows, get_method, load_posterior, reference_row, row
+from .rundir import save_adapter
+from .scoring import HiddenCache, LetterHead, Scorer
+from .selection import training_data
+from .train import fit
+
+__all__ = ["Session", "open_session", "check_schedule", "member_seed", "train_members", "fit_posthoc",
+           "add_posthoc_posterior"]
+
+
+@dataclass
+class Session:
+    """Everything loaded once per process: model, scorer, lower-layer cache and data."""
+
+    cfg: RunConfig
+    lm: LoadedModel
+    model: nn.Module
+    scorer: Scorer
+    cache: HiddenCache
+    train: list[MCQExample] = field(default_factory=list)
+    validation: list[MCQExample] = field(default_factory=list)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Stored with every posterior; loading refuses a posterior whose metadata differs."""
+        lora = self.cfg.lora
+        return {
+            "base_model": self.lm.name,
+            "base_fingerprint": model_fingerprint(self.model),
+            "lora": f"r={lora.r},alpha={lora.alpha},targets={lora.targets},layers={lora.layers}",
+            "scoring": self.scorer.mode,
+        }
+
+
+def open_session(cfg: RunConfig, lm: LoadedModel | None = None, with_data: bool = True) -> Session:
+    """Load the model (or reuse ``lm``), add LoRA and set up scoring and data."""
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    lm = lm if lm is not None else load_model(cfg.model)
+    model = add_lora(lm.model, cfg.lora, seed=cfg.train.seed)
+    scorer = Scorer(model, lm.tokenizer, lm.scoring, max_length=cfg.model.max_length, train_head=cfg.model.train_head)
+    session = Session(cfg=cfg, lm=lm, model=model, scorer=scorer, cache=HiddenCache(scorer))
+    if with_data:
+        session.train, session.validation = training_data(cfg)
+        check_schedule(cfg, len(session.train))
+    return session
+
+
+def check_schedule(cfg: RunConfig, n_train: int) -> None:
+    """Refuse a SWAG rank the collection schedule can never fill (the low-rank part would silently shrink)."""
+    if cfg.swag.epochs == 0 or cfg.swag.max_rank == 0:
+        return
+    steps_per_epoch = -(-(-(-n_train // cfg.train.batch_size)) // cfg.train.grad_accum)
+    if cfg.swag.every == "epoch":
+        snapshots = cfg.swag.epochs
+    else:  # the loop collects when the global step count is a multiple of ``every``, in the SWAG phase only
+        every, map_steps = int(cfg.swag.every), cfg.train.epochs * steps_per_epoch
+        snapshots = (map_steps + cfg.swag.epochs * steps_per_epoch) // every - map_steps // every
+    if cfg.swag.max_rank > snapshots:
+        raise ValueError(f"swag.max_rank={cfg.swag.max_rank} is larger than the {snapshots} snapshots the schedule "
+                         f"collects (swag.epochs={cfg.swag.epochs}, swag.every={cfg.swag.every}, {steps_per_epoch} "
+                         "steps per epoch); lower --swag-max-rank or collect more often")
+
+
+@torch.no_grad()
+def reset_trainable(session: Session, seed: int) -> None:
+    """Fresh LoRA init for an ensemble member (lora_A kaiming-uniform from a seeded generator, lora_B zero,
+    letter head back to the LM-head rows)."""
+    head = decoder_parts(session.model).lm_head.weight
+    for module in session.model.modules():
+        if isinstance(module, LetterHead):
+            module.weight.copy_(head[module.token_ids])
+    init_lora(session.model, seed)
+
+
+def _needed_posteriors(rows: list[str]) -> list[str]:
+    """The methods whose posteriors the rows use, trained or fitted along with each member."""
+    return sorted({row(r).method for r in rows if not row(r).before_training})
+
+
+def member_seed(cfg: RunConfig, index: int) -> int:
+    return cfg.train.seed * 1000 + index
+
+
+def train_members(session: Session, run_dir: Path, members: list[int], rows: list[str], progress: bool = True) -> None:
+    """Train each member (its own seed), collecting the posteriors the table rows need; skip finished ones.
+
+    An unfinished member resumes from its newest valid checkpoint in ``members/<i>/checkpoints/`` (bitwise as
+    if never stopped). Under ``accelerate launch`` every process trains (data parallel); only the main one
+    writes files.
+    """
+    cfg = session.cfg
+    dist = distributed.current()
+    names = _needed_posteriors(rows)
+    for index in members:
+        out = run_dir / "members" / str(index)
+        if (out / "done.json").is_file():
+            continue
+        seed = member_seed(cfg, index)
+        reset_trainable(session, seed)
+        model = session.model
+        meta = session.metadata
+        resume = checkpoint.latest(out / "checkpoints")
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume is None:
+                (out / "train_log.jsonl").unlink(missing_ok=True)
+                for base in base_rows():  # the model before fine-tuning
+                    get_method(base.method).build(model, cfg).save(out / "posteriors" / base.saved, meta)
+            else:
+                print(f"swaglora: member {index}: resuming from {resume.path}", file=sys.stderr)
+        posteriors = {n: get_method(n).build(model, cfg) for n in names}
+        along = [p for p in posteriors.values() if p.trajectory]
+        if resume is not None and resume.meta["map_done"] and dist.is_main:
+            # post-hoc posteriors were fitted and saved at the end of the MAP phase, before that checkpoint
+            for name, p in posteriors.items():
+                if not p.trajectory:
+                    posteriors[name] = load_posterior(out / "posteriors" / name, model=model, expected_metadata=meta)
+
+        def at_map_end(m: nn.Module) -> None:
+            if not dist.is_main:
+                return
+            for name, p in posteriors.items():
+                if not p.trajectory:
+                    fit_posthoc(session, p)
+                    p.save(out / "posteriors" / name, meta)  # now: a resumed run after this point reloads it
+
+        result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
+                     cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress,
+                     checkpoint_dir=out / "checkpoints", resume=resume)
+        with torch.no_grad():  # the adapter on disk holds the MAP weights, not the last SWAG-phase ones
+            params = trainable_parameters(model)
+            for k, v in result.map_state.items():
+                params[k].copy_(v)
+        if dist.is_main:
+            for name, p in posteriors.items():
+                p.save(out / "posteriors" / name, meta)
+            save_adapter(model, out / "adapter")
+            atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
+                                                  "examples_per_second": result.examples_per_second,
+                                                  "n_train": len(session.train), "library_version": __version__})
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
+        dist.wait()
+
+
+def fit_posthoc(session: Session, posterior: Posterior) -> None:
+    """Collect and fit a post-hoc posterior (MAP, MC dropout, Laplace) at the model's current weights."""
+    size = session.cfg.train.batch_size
+    posterior.collect(session.model)
+    posterior.fit(session.model, [session.train[i : i + size] for i in range(0, len(session.train), size)],
+                  session_loss(session))
+
+
+def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
+    """Fit a post-hoc method that a finished member was trained without, at that member's saved MAP weights,
+    so ``evaluate --methods laplace`` works on any run without retraining."""
+    cls = get_method(name)
+    if cls.trajectory:
+        raise ValueError(f"{member} has no '{name}' posterior and it can only be collected during training; "
+                         f"retrain with it in --methods")
+    if not session.train:
+        raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
+    point = reference_row().saved  # the member's fine-tuned weights
+    map_weights = load_posterior(member / "posteriors" / point, model=session.model, expected_metadata=session.metadata)
+    with use_params(session.model, map_weights.sample()):
+        posterior = cls.build(session.model, session.cfg)
+        fit_posthoc(session, posterior)
+    posterior.save(member / "posteriors" / name, session.metadata)
+
+
+def session_loss(session: Session):
+    """``loss_fn(model, examples) -> (logits, labels)`` for post-hoc methods (Laplace)."""
+
+    def loss_fn(model: nn.Module, examples: list[MCQExample]):
+        batch = session.scorer.batch(examples)
+        return session.scorer.top(session.cache.hidden(batch), batch), batch.labels
+
+    return loss_fn

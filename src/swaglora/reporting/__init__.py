@@ -1,0 +1,1 @@
+"""The parts of :mod:`swaglora.report`: load, collect, render, figures (the public API is there)."""

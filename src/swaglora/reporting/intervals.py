@@ -1,0 +1,55 @@
+"""Bootstrap intervals of every method's metrics and of its differences to the reference row, per set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import metrics as M
+from ..posterior import reference_row
+from .load import _Run
+
+
+#: Bootstrap resamples of the questions behind every interval (paired across methods, pooled over seeds).
+N_BOOT, INTERVAL_LEVEL = 1000, 0.95
+
+
+def _aligned(runs: list[_Run], s: str, m: str, answers: dict[str, str], width: int) -> list[np.ndarray] | None:
+    """The predictive of ``m`` on ``s`` in every run, rows in the order of ``answers`` (question id -> answer);
+    None if a run scored other questions or other answers."""
+    ids, out = list(answers), []
+    for r in runs:
+        p = r.entries[(s, m)].preds
+        order = {row["id"]: i for i, row in enumerate(p.rows)}
+        if len(order) != len(ids) or any(answers.get(row["id"]) != row["answer"] for row in p.rows):
+            return None
+        probs = np.zeros((len(ids), max(width, p.probs.shape[1])))
+        probs[:, : p.probs.shape[1]] = p.probs[[order[i] for i in ids]]
+        out.append(probs)
+    return out
+
+
+def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: list[str]) -> list[dict[str, Any]]:
+    """Per set: :func:`metrics.paired_bootstrap` of every method that has predictions on it in every run,
+    with the questions aligned by id; differences are to the registry's reference row (the fine-tuned point estimate) where it is present."""
+    out: list[dict[str, Any]] = []
+    for s in sets:
+        have = [m for m in methods if all((s, m) in r.entries and r.entries[(s, m)].preds for r in runs)]
+        if not have:
+            continue
+        first = runs[0].entries[(s, have[0])].preds
+        answers = {row["id"]: row["answer"] for row in first.rows}
+        labels = np.asarray([row["labels"].index(row["answer"]) for row in first.rows])
+        predictives = {m: _aligned(runs, s, m, answers, first.probs.shape[1]) for m in have}
+        if any(v is None for v in predictives.values()):
+            notes.append(f"{s}: methods or seeds were scored on different questions or answers; no intervals for {s}.")
+            continue
+        width = max(p.shape[1] for v in predictives.values() for p in v)
+        predictives = {m: [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in v] for m, v in predictives.items()}
+        reference = reference_row()
+        ref = reference.name if reference is not None and reference.name in predictives else None
+        result = M.paired_bootstrap(predictives, labels, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
+        out.append({"eval_set": s, "n": len(answers), "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref,
+                    "methods": [{"method": m, **result[m]} for m in have]})
+    return out

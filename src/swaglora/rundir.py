@@ -1,0 +1,141 @@
+"""The run directory: its layout, format version, config file and the evaluation files the report reads.
+
+Layout (one ``RUN`` directory per seed)::
+
+    RUN/swaglora_run.json                    the run marker: format_version, library_version, data sha256, runtime
+    RUN/config.json                          the run configuration (train.seed is the seed)
+    RUN/members/<i>/adapter/                 PEFT adapter (MAP weights) for other tools
+    RUN/members/<i>/posteriors/<method>/     posterior_config.json + posterior.safetensors ("init": before training)
+    RUN/members/<i>/train_log.jsonl          per-epoch train loss and validation metrics
+    RUN/members/<i>/done.json                written last: a member with it is never retrained
+    RUN/eval/scale-<method>.json             --swag-scale auto: validation NLL per grid scale and the choice
+    RUN/eval/<set>/<row>/metrics.json        accuracy, ece, nll, brier, n, method, eval_set, role (validation,
+                                             test or shift), n_samples, n_members, scale, seconds, seed
+    RUN/eval/<set>/<row>/predictions.jsonl   id, question, probs (label order), labels, answer, prediction,
+                                             confidence, correct, total_entropy, expected_entropy,
+                                             mutual_information
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import metrics
+from ._version import __version__
+from .config import RunConfig, config_from_dict, config_to_dict
+from .data import MCQExample
+from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
+from .models import runtime_info
+
+__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "set_dir_name", "write_eval", "member_dirs", "save_adapter",
+           "check_run_format", "write_run_marker", "save_config", "load_run_config"]
+
+
+#: Settings that may change between a run and its resumption: they do not change any result.
+RESULT_NEUTRAL = {"train.checkpoint_every", "train.threads", "model.device"}
+
+
+#: Version of the run-directory layout; a run written by a newer swaglora is refused, not misread.
+RUN_FORMAT_VERSION = 1
+
+
+def set_dir_name(name: str) -> str:
+    """A filesystem-safe directory name for an evaluation set (no path can escape the run directory)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-")
+    return safe or "set"
+
+
+def write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tensor, info: dict) -> dict:
+    labels = torch.tensor([ex.answer_index for ex in examples])
+    probs = metrics.predictive(sample_probs)
+    result = {**metrics.summarize(sample_probs, labels), **info}
+    unc = metrics.uncertainty(sample_probs)
+    lines = []
+    for i, ex in enumerate(examples):
+        p = probs[i, : ex.n_choices]
+        pred = int(p.argmax())
+        lines.append(json.dumps({
+            "id": ex.id, "question": ex.question, "probs": [round(float(x), 6) for x in p], "labels": list(ex.labels),
+            "answer": ex.answer, "prediction": ex.labels[pred], "confidence": float(p[pred]), "correct": pred == ex.answer_index,
+            "total_entropy": float(unc["total_entropy"][i]), "expected_entropy": float(unc["expected_entropy"][i]),
+            "mutual_information": float(unc["mutual_information"][i]),
+        }))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    atomic_write_json(out / "metrics.json", result)
+    return result
+
+
+def member_dirs(run_dirs: list[Path]) -> list[Path]:
+    found = []
+    for run in run_dirs:
+        for member in sorted((run / "members").glob("*"), key=lambda p: int(p.name) if p.name.isdigit() else 0):
+            if (member / "done.json").is_file():
+                found.append(member)
+    if not found:
+        raise FileNotFoundError(f"no finished members under {', '.join(str(r) for r in run_dirs)} (train first)")
+    return found
+
+
+def save_adapter(model: nn.Module, directory: Path) -> None:
+    """Save the PEFT adapter atomically (temporary directory, then rename)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(".adapter-", directory.parent)
+    try:
+        model.save_pretrained(tmp)
+        apply_umask(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_run_format(run_dir: Path) -> None:
+    marker = run_dir / "swaglora_run.json"
+    if marker.is_file():
+        version = read_json(marker).get("format_version")
+        if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+            raise ValueError(f"{run_dir} was written with run format {version!r}, newer than this swaglora "
+                             f"{__version__} understands ({RUN_FORMAT_VERSION}); upgrade swaglora")
+
+
+def write_run_marker(run_dir: Path, **extra: Any) -> None:
+    """Mark ``run_dir`` as swaglora's (``swaglora_run.json``): only such a directory is written into again."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "swaglora_run.json",
+                      {"format_version": RUN_FORMAT_VERSION, "library_version": __version__, **extra})
+
+
+def save_config(cfg: RunConfig, run_dir: Path, data_sha256: dict[str, str] | None = None) -> None:
+    """Write config.json (refusing a different result-changing config) and the run marker with the sha256 of
+    every data file the run reads."""
+    check_run_format(run_dir)
+    path = run_dir / "config.json"
+    data = config_to_dict(cfg)
+    if path.is_file():
+        saved = read_json(path)
+        if saved != data:
+            defaults = config_to_dict(RunConfig())  # a key missing from an older config.json means its default
+            changed = sorted(f"{s}.{k}" for s in data for k in data[s]
+                             if saved.get(s, {}).get(k, defaults[s][k]) != data[s][k])
+            if any(not c.startswith("eval.") and c not in RESULT_NEUTRAL for c in changed):
+                raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
+                                 "use another --out or --overwrite")
+    write_run_marker(run_dir, data_sha256=data_sha256 or {}, runtime=runtime_info(cfg.model))
+    atomic_write_json(path, data)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    check_run_format(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a swaglora run directory (no config.json)")
+    return config_from_dict(read_json(run_dir / "config.json"), source=str(run_dir / "config.json"))
