@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -458,3 +459,20 @@ def test_report_cells_computed_by_hand(tmp_path):
     assert ood[0][2] == "out AUROC" and ood[1][0][:3] == ["map", "entropy (total)", "0.7812 ± 0.0442"]
     selective = next(t for t in tables if "in Acc@50%" in t[0])
     assert selective[1][0][selective[0].index("in Acc@50%")] == "0.5000 ± 0.0000"
+
+
+def test_interval_values_equal_the_stored_metrics_for_tiny_probabilities(tmp_path):
+    from swaglora.data import MCQExample
+    from swaglora.rundir import write_eval
+
+    examples = [MCQExample(f"q{i}", f"question {i}", ("a", "b", "c"), ("A", "B", "C"), "ABC"[i % 3]) for i in range(6)]
+    probs = torch.full((1, 6, 3), 0.5, dtype=torch.float64)
+    probs[0, :, 2] = 1e-9  # the answer of q2 and q5 gets a probability far below 1e-6
+    probs[0, :, :2] = (1 - 1e-9) / 2
+    for method in ("map", "swag"):
+        stored = write_eval(tmp_path / "run" / "eval" / "t" / method, examples, probs,
+                            {"method": method, "eval_set": "t", "role": "test", "n_samples": 1, "seed": 0})
+    block = R.collect_results([tmp_path / "run"])["intervals"][0]
+    nll = next(d for d in block["methods"] if d["method"] == "map")["nll"]["value"]
+    assert nll == pytest.approx(stored["nll"], rel=1e-12)
+    assert stored["nll"] == pytest.approx((4 * math.log(2 / (1 - 1e-9)) - 2 * math.log(1e-9)) / 6, rel=1e-9)  # by hand

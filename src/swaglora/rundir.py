@@ -54,6 +54,9 @@ def set_dir_name(name: str) -> str:
 
 
 def write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tensor, info: dict) -> dict:
+    """``metrics.json`` and ``predictions.jsonl`` of one row on one set. Probabilities are written at full
+    precision: anything recomputed from the file (report intervals, OOD, selective prediction) equals what
+    ``metrics.json`` holds, also for a tiny probability on the answer (rounded, it would become 0)."""
     labels = torch.tensor([ex.answer_index for ex in examples])
     probs = metrics.predictive(sample_probs)
     result = {**metrics.summarize(sample_probs, labels), **info}
@@ -63,7 +66,7 @@ def write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tensor
         p = probs[i, : ex.n_choices]
         pred = int(p.argmax())
         lines.append(json.dumps({
-            "id": ex.id, "question": ex.question, "probs": [round(float(x), 6) for x in p], "labels": list(ex.labels),
+            "id": ex.id, "question": ex.question, "probs": [float(x) for x in p], "labels": list(ex.labels),
             "answer": ex.answer, "prediction": ex.labels[pred], "confidence": float(p[pred]), "correct": pred == ex.answer_index,
             "total_entropy": float(unc["total_entropy"][i]), "expected_entropy": float(unc["expected_entropy"][i]),
             "mutual_information": float(unc["mutual_information"][i]),
