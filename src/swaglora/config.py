@@ -23,6 +23,7 @@ __all__ = [
     "TrainConfig",
     "SWAGConfig",
     "LaplaceConfig",
+    "BLoBConfig",
     "EvalConfig",
     "RunConfig",
     "PRESETS",
@@ -191,6 +192,26 @@ class LaplaceConfig:
 
 
 @dataclass
+class BLoBConfig:
+    """BLoB (Wang et al. 2024); defaults: the paper's scripts (bayesian-peft scripts/blob/blob-llama-all.sh)."""
+
+    eps: float = _f(0.05, "initial std parameter G of every LoRA A entry ~ U(eps/sqrt(2), eps); the std is G^2 (the paper's --bayes-eps)")
+    prior_sigma: float = _f(0.2, "std of the zero-mean Gaussian prior on the LoRA A entries (the paper's --bayes-beta)")
+    kl_lr: float = _f(0.01, "learning rate of the plain-SGD KL step after each AdamW step, on the same warm-up/decay schedule (the paper's --bayes-kllr)")
+    kl_reweighting: bool = _f(True, "KL weight 2^i/(2^(M+1)-1) at the i-th step of each cycle of M steps (else 1/M)")
+    gamma: float = _f(8.0, "KL period M = 100 N^(pi/gamma) / (examples per optimiser step) (the paper's dataset rescaling); 0 = M is the steps per epoch")
+    samples: int = _f(10, "draws of A per prediction (BMA) of the blob row; the blob-mean row uses the mean")
+
+    def __post_init__(self) -> None:
+        if not (self.eps > 0 and self.prior_sigma > 0):
+            raise ConfigError(f"blob.eps and blob.prior_sigma must be > 0, got {self.eps} and {self.prior_sigma}")
+        if not (self.kl_lr >= 0 and self.gamma >= 0):
+            raise ConfigError(f"blob.kl_lr and blob.gamma must be >= 0, got {self.kl_lr} and {self.gamma}")
+        if self.samples < 1:
+            raise ConfigError(f"blob.samples must be >= 1, got {self.samples}")
+
+
+@dataclass
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
@@ -218,6 +239,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    blob: BLoBConfig = field(default_factory=BLoBConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
