@@ -162,3 +162,83 @@ def test_sampling_save_and_load_round_trip_strictly(lora_model, tmp_path):
         loaded.load_state_dict({**state, f"G/{a}": torch.zeros(1, 1)})
     config = json.loads((tmp_path / "blob" / "posterior_config.json").read_text())
     assert config["method"] == "blob" and config["hparams"]["variational"] == blob.variational
+
+
+def _data(tmp_path):
+    from conftest import make_examples, write_jsonl
+
+    return (write_jsonl(tmp_path / "train.jsonl", make_examples(32, 0, "tr")),
+            write_jsonl(tmp_path / "test.jsonl", make_examples(16, 1, "te")),
+            write_jsonl(tmp_path / "shift.jsonl", make_examples(12, 2, "sh")))
+
+
+def test_run_map_and_blob_end_to_end(tmp_path, tiny_model_dir, capsys):
+    from swaglora.cli import main
+    from swaglora.io import load_safetensors
+
+    train, test, shift = _data(tmp_path)
+    run = tmp_path / "run"
+    args = ["--model", str(tiny_model_dir), "--scoring", "letter", "--data", str(train), "--test-data", str(test),
+            "--shift", str(shift), "--epochs", "2", "--swag-epochs", "0", "--members", "1", "--batch-size", "8",
+            "--lora-r", "2", "--quiet"]
+    assert main(["run", "--out", str(run), *args, "--methods", "map,blob-mean,blob", "--blob-samples", "3",
+                 "--blob-eps", "0.3"]) == 0
+    member = run / "members" / "0"
+    assert (member / "done.json").is_file() and (member / "done-blob.json").is_file()
+    assert not (member / "checkpoints-blob").exists() and not (member / "checkpoints").exists()
+    log = [json.loads(line) for line in (member / "train_log-blob.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["val_nll"]) for r in log)
+    blob = load_posterior(member / "posteriors" / "blob")
+    map_weights = load_posterior(member / "posteriors" / "map").sample()
+    assert blob.hparams()["eps"] == 0.3 and set(blob.parameter_shapes) == set(map_weights)
+    a = blob.variational[0]
+    assert not torch.equal(blob._mean[a], map_weights[a])  # its own training run, not the MAP's weights
+    initial = BLoB(blob.parameter_shapes, eps=0.3, variational=blob.variational)
+    initial.reset(0)  # the init of member 0 (seed 0)
+    assert torch.isfinite(blob.G[a]).all() and not torch.equal(blob.G[a], initial.G[a])  # G was trained
+    assert (blob.G[a] - initial.G[a]).abs().max() < 0.05  # from that init, a few small steps
+    assert load_safetensors(member / "posteriors" / "blob" / "posterior.safetensors").keys() == blob.state_dict().keys()
+    metrics = {r: json.loads((run / "eval" / "test" / r / "metrics.json").read_text()) for r in ("blob", "blob-mean")}
+    assert metrics["blob"]["n_samples"] == 3 and metrics["blob-mean"]["n_samples"] == 1
+    assert metrics["blob"]["nll"] != metrics["blob-mean"]["nll"]
+    capsys.readouterr()
+
+    # a run trained without BLoB: evaluate cannot fit it post hoc, and says so in one line
+    other = tmp_path / "other"
+    assert main(["train", "--out", str(other), *args, "--methods", "map"]) == 0
+    assert main(["evaluate", "--run", str(other), "--methods", "blob", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'blob' posterior" in err and "Traceback" not in err
+
+
+def test_blob_training_killed_resumes_bitwise(tmp_path, tiny_model_dir):
+    """kill -9 during a member's BLoB training (after its MAP training finished), rerun: the BLoB posterior and
+    its training log are bitwise those of an uninterrupted run (LoRA dropout 0.1: flipout and dropout draws
+    come from the checkpointed RNG)."""
+    import signal
+
+    from swaglora import checkpoint
+    from swaglora.cli import main
+    from swaglora.io import load_safetensors
+    from test_resume import PLAIN, _args, _data_file, _run, _signal_when, _slow
+
+    data = _data_file(tmp_path)
+    blob_args = ["--swag-epochs", "0", "--methods", "map,blob", "--checkpoint-every", "1"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(_args(tiny_model_dir, data, reference, *blob_args)) == 0
+    args = _args(tiny_model_dir, data, run, *blob_args)
+    ckpts = run / "members" / "0" / "checkpoints-blob"
+    steps = lambda: checkpoint.steps(ckpts)  # noqa: E731
+    rc, _ = _signal_when(_slow(0.15) + args, run, tmp_path, lambda s: 3 <= s < 11, signal.SIGKILL, steps=steps)
+    assert rc == -signal.SIGKILL
+    member = run / "members" / "0"
+    assert (member / "done.json").is_file() and not (member / "posteriors" / "blob").exists()
+    rc, err = _run(PLAIN + args, tmp_path, "resume")
+    assert rc == 0, err
+    assert f"resuming from {ckpts}" in err
+    for name in ("blob", "map"):
+        got = load_safetensors(member / "posteriors" / name / "posterior.safetensors")
+        want = load_safetensors(reference / "members" / "0" / "posteriors" / name / "posterior.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    log = lambda r: (r / "members" / "0" / "train_log-blob.jsonl").read_text()  # noqa: E731
+    assert log(run) == log(reference) and not ckpts.exists()

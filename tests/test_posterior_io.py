@@ -249,7 +249,7 @@ def test_safetensors_views_of_one_storage_are_saved(tmp_path):
 
 
 def test_registry():
-    assert method_names() == ["dropout", "ensemble", "laplace", "map", "swag", "swag-diag"] == sorted(METHODS)
+    assert method_names() == ["blob", "dropout", "ensemble", "laplace", "map", "swag", "swag-diag"] == sorted(METHODS)
     assert get_method("swag") is SWAG and get_method("swag-diag") is SWAGDiag
     with pytest.raises(KeyError) as err:
         get_method("swg")
