@@ -179,10 +179,9 @@ def test_run_map_and_blob_end_to_end(tmp_path, tiny_model_dir, capsys):
     train, test, shift = _data(tmp_path)
     run = tmp_path / "run"
     args = ["--model", str(tiny_model_dir), "--scoring", "letter", "--data", str(train), "--test-data", str(test),
-            "--shift", str(shift), "--epochs", "2", "--swag-epochs", "0", "--members", "1", "--batch-size", "8",
-            "--lora-r", "2", "--quiet"]
-    assert main(["run", "--out", str(run), *args, "--methods", "map,blob-mean,blob", "--blob-samples", "3",
-                 "--blob-eps", "0.3"]) == 0
+            "--shift", str(shift), "--epochs", "2", "--swag-epochs", "0", "--batch-size", "8", "--lora-r", "2", "--quiet"]
+    assert main(["run", "--out", str(run), *args, "--members", "2", "--methods", "map,blob-mean,blob,blob-ensemble",
+                 "--blob-samples", "3", "--blob-eps", "0.3"]) == 0
     member = run / "members" / "0"
     assert (member / "done.json").is_file() and (member / "done-blob.json").is_file()
     assert not (member / "checkpoints-blob").exists() and not (member / "checkpoints").exists()
@@ -198,14 +197,16 @@ def test_run_map_and_blob_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert torch.isfinite(blob.G[a]).all() and not torch.equal(blob.G[a], initial.G[a])  # G was trained
     assert (blob.G[a] - initial.G[a]).abs().max() < 0.05  # from that init, a few small steps
     assert load_safetensors(member / "posteriors" / "blob" / "posterior.safetensors").keys() == blob.state_dict().keys()
-    metrics = {r: json.loads((run / "eval" / "test" / r / "metrics.json").read_text()) for r in ("blob", "blob-mean")}
+    metrics = {r: json.loads((run / "eval" / "test" / r / "metrics.json").read_text()) for r in ("blob", "blob-mean", "blob-ensemble")}
     assert metrics["blob"]["n_samples"] == 3 and metrics["blob-mean"]["n_samples"] == 1
+    assert metrics["blob-ensemble"]["n_samples"] == 6 and metrics["blob-ensemble"]["n_members"] == 2
+    assert (run / "members" / "1" / "posteriors" / "blob" / "posterior.safetensors").is_file()
     assert metrics["blob"]["nll"] != metrics["blob-mean"]["nll"]
     capsys.readouterr()
 
     # a run trained without BLoB: evaluate cannot fit it post hoc, and says so in one line
     other = tmp_path / "other"
-    assert main(["train", "--out", str(other), *args, "--methods", "map"]) == 0
+    assert main(["train", "--out", str(other), *args, "--members", "1", "--methods", "map"]) == 0
     assert main(["evaluate", "--run", str(other), "--methods", "blob", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no 'blob' posterior" in err and "Traceback" not in err
@@ -242,3 +243,19 @@ def test_blob_training_killed_resumes_bitwise(tmp_path, tiny_model_dir):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
     log = lambda r: (r / "members" / "0" / "train_log-blob.jsonl").read_text()  # noqa: E731
     assert log(run) == log(reference) and not ckpts.exists()
+
+
+def test_blob_paper_preset_and_bad_flags(tmp_path, capsys):
+    from swaglora.cli import main
+    from swaglora.config import PRESETS
+
+    cfg = apply_overrides(RunConfig(), PRESETS["blob-paper"])
+    # scripts/blob/blob-llama-all.sh: eps=0.05 beta=0.2 kllr=0.01 gamma=8, --lr 1e-4, 2 GPUs x --batch-size 4,
+    # --lora-r 8 --lora-alpha 16 --lora-dropout 0, --max-seq-len 300, --bayes-eval-n-samples-final 10
+    assert (cfg.blob.eps, cfg.blob.prior_sigma, cfg.blob.kl_lr, cfg.blob.gamma, cfg.blob.samples) == (0.05, 0.2, 0.01, 8.0, 10)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (1e-4, 8, 8, 16.0, 0.0)
+    assert cfg.model.max_length == 300 and cfg.blob.kl_reweighting
+    for flag, value in (("--blob-eps", "0"), ("--blob-prior-sigma", "-1"), ("--blob-samples", "0"), ("--blob-kl-lr", "-0.1")):
+        assert main(["train", "--out", str(tmp_path / "never"), flag, value, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "blob." in err and "Traceback" not in err and not (tmp_path / "never").exists()

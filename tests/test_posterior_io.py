@@ -253,7 +253,7 @@ def test_registry():
     assert get_method("swag") is SWAG and get_method("swag-diag") is SWAGDiag
     with pytest.raises(KeyError) as err:
         get_method("swg")
-    assert str(err.value) == "Unknown method 'swg'. Available: dropout, ensemble, laplace, map, swag, swag-diag"
+    assert str(err.value) == "Unknown method 'swg'. Available: blob, dropout, ensemble, laplace, map, swag, swag-diag"
     with pytest.raises(ValueError, match="Unknown method"):
         get_method("swg")
     with pytest.raises(ValueError, match="already registered"):

@@ -279,6 +279,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.val_limit": 0,
         "eval.limit": 0,
     },
+    # BLoB (Wang et al. 2024) as its authors run it on Llama-2-7B: github.com/Wang-ML-Lab/bayesian-peft,
+    # scripts/blob/blob-llama-all.sh with utils/args.py, models/causallm.py and modelwrappers/blob.py. Not reproduced:
+    # their step budget (--max-train-steps 5000: set --epochs to about 5000 * 8 / N for N training examples), the
+    # LoRA on lm_head (--apply-classhead-lora; here the letter head is trained), AdamW eps 1e-6 (torch's 1e-8 here),
+    # training without validation (here the best validation epoch is kept, as for every member).
+    "blob-paper": {
+        "model.scoring": "letter",  # dataset-type mcdataset: the answer letters' logits at the last token
+        "model.train_head": True,
+        "model.max_length": 300,  # --max-seq-len 300
+        "lora.targets": "q_proj,v_proj", "lora.layers": "all",  # causallm.py target_modules (without lm_head)
+        "lora.r": 8, "lora.alpha": 16.0, "lora.dropout": 0.0,  # --lora-r 8 --lora-alpha 16 --lora-dropout 0
+        "train.lr": 1e-4,  # --lr 1e-4 (--opt adamw, --opt-wd default 0)
+        "train.batch_size": 8,  # --batch-size 4 on each of 2 GPUs (accelerate --num_processes=2)
+        "train.weight_decay": 0.0,
+        "train.warmup": 0.06,  # --warmup-ratio 0.06, get_linear_schedule_with_warmup: linear decay to 0
+        "blob.eps": 0.05, "blob.prior_sigma": 0.2, "blob.kl_lr": 0.01, "blob.gamma": 8.0,  # eps, beta, kllr, gamma
+        "blob.kl_reweighting": True,  # --bayes-klreweighting (with --bayes-datasetrescaling: gamma > 0)
+        "blob.samples": 10,  # --bayes-eval-n-samples-final 10
+        "data.train_limit": 0,
+        "data.val_limit": 0,
+        "eval.limit": 0,
+    },
 }
 
 

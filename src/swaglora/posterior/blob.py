@@ -44,7 +44,8 @@ The loop's choice of the best-validation epoch (validated at the mean) applies t
 **Prediction.** ``sample()`` draws :math:`A = M + \sqrt{scale}\,\Omega \odot Z` (one draw of A for every
 example, as the code's ``forward_logits`` with n samples), the rest at its point value; the ``blob`` row
 averages ``blob.samples`` (the paper's 10, ``bayes_eval_n_samples_final``) draws; ``blob-mean`` is
-:math:`A = M` (scale 0, the code's ``--bayes-inference-notsample``).
+:math:`A = M` (scale 0, the code's ``--bayes-inference-notsample``); ``blob-ensemble`` is the equal-weight
+mixture of every member's ``blob`` predictive.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class BLoB(Posterior):
     rows = (
         Row("blob-mean", 95, "BLoB at the variational mean of A (no sampling)", scale=0.0, sampled=False),
         Row("blob", 96, "BLoB: variational Gaussian LoRA A trained by backprop (flipout), BMA over draws of A"),
+        Row("blob-ensemble", 97, "ensemble of the members' BLoB posteriors", all_members=True),
     )
 
     def __init__(
