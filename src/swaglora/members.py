@@ -26,7 +26,7 @@ from .scoring import HiddenCache, LetterHead, Scorer
 from .selection import training_data
 from .train import fit
 
-__all__ = ["Session", "open_session", "check_schedule", "member_seed", "train_members", "fit_posthoc",
+__all__ = ["Session", "open_session", "check_schedule", "member_seed", "train_members", "train_own_member", "fit_posthoc",
            "add_posthoc_posterior"]
 
 
