@@ -259,3 +259,38 @@ def test_blob_paper_preset_and_bad_flags(tmp_path, capsys):
         assert main(["train", "--out", str(tmp_path / "never"), flag, value, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "blob." in err and "Traceback" not in err and not (tmp_path / "never").exists()
+
+
+def test_data_loss_gradient_reaches_sigma_through_flipout(lora_model, tokenizer):
+    """The NLL gradient w.r.t. G (through the flipout path of every LoRA layer) is finite and non-zero, and that
+    path leaves the other trainables' gradients to the ordinary forward."""
+    from conftest import make_examples
+    from swaglora.data import MCQExample
+
+    blob = BLoB(lora_model, eps=0.3)
+    training = blob.member_training(lora_model, RunConfig(), 10, seed=0)
+    params = trainable_parameters(lora_model)
+    with torch.no_grad():  # B != 0, else the noise path B (dA x) has no gradient to G
+        for n, p in params.items():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    scorer = Scorer(lora_model, tokenizer, "letter")
+    examples = [MCQExample(r["id"], r["question"], tuple(r["choices"]), tuple(r["labels"]), r["answer"])
+                for r in make_examples(4, 3)]
+    batch = scorer.batch(examples)
+    lora_model.train()
+    try:
+        with training:
+            torch.manual_seed(0)
+            loss = torch.nn.functional.cross_entropy(scorer.logits(batch), batch.labels)
+            loss.backward()
+            grads = [g.grad for g in blob.G.values()]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)
+            assert all(g.abs().sum() > 0 for g in grads)
+    finally:
+        lora_model.eval()
+        lora_model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in params.items():
+                if "lora_B" in n:
+                    p.zero_()
