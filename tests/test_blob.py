@@ -172,6 +172,7 @@ def _data(tmp_path):
             write_jsonl(tmp_path / "shift.jsonl", make_examples(12, 2, "sh")))
 
 
+@pytest.mark.bf16
 def test_run_map_and_blob_end_to_end(tmp_path, tiny_model_dir, capsys):
     from swaglora.cli import main
     from swaglora.io import load_safetensors
@@ -212,6 +213,7 @@ def test_run_map_and_blob_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert "no 'blob' posterior" in err and "Traceback" not in err
 
 
+@pytest.mark.bf16
 def test_blob_training_killed_resumes_bitwise(tmp_path, tiny_model_dir):
     """kill -9 during a member's BLoB training (after its MAP training finished), rerun: the BLoB posterior and
     its training log are bitwise those of an uninterrupted run (LoRA dropout 0.1: flipout and dropout draws
