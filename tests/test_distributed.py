@@ -3,6 +3,7 @@
 Each process takes half of every global batch (the last batch of an epoch, 3 examples, splits 1 + 2, so the
 loss weighting of unequal shards is exercised too) and gradients are averaged before each step. With LoRA
 dropout 0 the only difference to one process is the order of floating-point sums: equal within 1e-5 in fp32.
+(BLoB's flipout signs are drawn per process shard, so its members match only because its std is tiny here.)
 
 ``accelerate launch --cpu --num_processes 2`` starts a single process unless ``mpirun`` is used; on a machine
 without CUDA ``--multi_gpu`` starts the processes (torchrun) and swaglora then runs them on CPU with gloo.
@@ -34,7 +35,9 @@ def _args(model_dir: Path, data: Path, run: Path) -> list[str]:
     return ["train", "--out", str(run), "--model", str(model_dir), "--scoring", "cloze", "--data", str(data),
             "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--members", "1", "--batch-size", "4",
             "--lora-r", "2", "--lora-layers", "top:1", "--lora-dropout", "0", "--threads", "1", "--quiet",
-            "--checkpoint-every", "5", "--dtype", "float32"]
+            "--checkpoint-every", "5", "--dtype", "float32",
+            # BLoB members too, with a std (eps^2 <= 1e-6) too small for flipout's draws to matter at 1e-5
+            "--methods", "map,swag,blob", "--blob-eps", "0.001"]
 
 
 def _free_port() -> int:
@@ -46,7 +49,7 @@ def _free_port() -> int:
 def _state(run: Path) -> dict[str, torch.Tensor]:
     member = run / "members" / "0"
     out = {}
-    for name in ("map", "swag"):
+    for name in ("map", "swag", "blob"):
         out.update({f"{name}/{k}": v for k, v in load_safetensors(member / "posteriors" / name / "posterior.safetensors").items()})
     out.update({f"adapter/{k}": v for k, v in load_safetensors(member / "adapter" / "adapter_model.safetensors").items()})
     return out
@@ -69,7 +72,8 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
         pytest.skip(f"accelerate launch cannot start 2 processes here: {proc.stderr[-500:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    assert not (multi / "members" / "0" / "checkpoints").exists()  # written (by the main process only), removed when done
+    for name in ("checkpoints", "checkpoints-blob"):  # written (by the main process only), removed when done
+        assert not (multi / "members" / "0" / name).exists()
     got, want = _state(multi), _state(single)
     assert got.keys() == want.keys() and int(got["swag/n"]) == int(want["swag/n"]) == 7  # SWAG steps 8..21, every 2nd
     for key in want:

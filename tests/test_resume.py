@@ -50,9 +50,13 @@ def _slow(delay: float, progress: Path | None = None) -> list[str]:
 PLAIN = [sys.executable, "-m", "swaglora"]
 
 
+def _data_file(directory: Path) -> Path:
+    return write_jsonl(directory / "train.jsonl", make_examples(34, 0, "tr"))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", make_examples(34, 0, "tr"))
+    return _data_file(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

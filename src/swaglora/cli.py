@@ -49,8 +49,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file with nested sections (model, lora, data, train, swag, eval)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of settings (paper = Onal et al. 2024)")
+    parser.add_argument("--config", help="YAML or JSON file with nested sections (model, lora, data, train, swag, laplace, blob, eval)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of settings (paper = Onal et al. 2024, blob-paper = Wang et al. 2024)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key (repeatable); unknown keys and wrong types are rejected")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

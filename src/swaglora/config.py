@@ -23,6 +23,7 @@ __all__ = [
     "TrainConfig",
     "SWAGConfig",
     "LaplaceConfig",
+    "BLoBConfig",
     "EvalConfig",
     "RunConfig",
     "PRESETS",
@@ -191,6 +192,26 @@ class LaplaceConfig:
 
 
 @dataclass
+class BLoBConfig:
+    """BLoB (Wang et al. 2024); defaults: the paper's scripts (bayesian-peft scripts/blob/blob-llama-all.sh)."""
+
+    eps: float = _f(0.05, "initial std parameter G of every LoRA A entry ~ U(eps/sqrt(2), eps); the std is G^2 (the paper's --bayes-eps)")
+    prior_sigma: float = _f(0.2, "std of the zero-mean Gaussian prior on the LoRA A entries (the paper's --bayes-beta)")
+    kl_lr: float = _f(0.01, "learning rate of the plain-SGD KL step after each AdamW step, on the same warm-up/decay schedule (the paper's --bayes-kllr)")
+    kl_reweighting: bool = _f(True, "KL weight 2^i/(2^(M+1)-1) at the i-th step of each cycle of M steps (else 1/M)")
+    gamma: float = _f(8.0, "KL period M = 100 N^(pi/gamma) / (examples per optimiser step) (the paper's dataset rescaling); 0 = M is the steps per epoch")
+    samples: int = _f(10, "draws of A per prediction (BMA) of the blob row; the blob-mean row uses the mean")
+
+    def __post_init__(self) -> None:
+        if not (self.eps > 0 and self.prior_sigma > 0):
+            raise ConfigError(f"blob.eps and blob.prior_sigma must be > 0, got {self.eps} and {self.prior_sigma}")
+        if not (self.kl_lr >= 0 and self.gamma >= 0):
+            raise ConfigError(f"blob.kl_lr and blob.gamma must be >= 0, got {self.kl_lr} and {self.gamma}")
+        if self.samples < 1:
+            raise ConfigError(f"blob.samples must be >= 1, got {self.samples}")
+
+
+@dataclass
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
@@ -218,6 +239,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    blob: BLoBConfig = field(default_factory=BLoBConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -253,6 +275,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "swag.scale": "1.0",  # scripts/evaluate_swag.bash and evaluate_multiswag.bash SWAG_SAMPLE_SCALE=1.0
         "swag.members": 5,  # scripts/evaluate_multiswag.bash: 5 trained runs
         "data.val_fraction": 0.2,  # config.yaml val_split_size: 0.2 (a split of train where there is no validation)
+        "data.train_limit": 0,
+        "data.val_limit": 0,
+        "eval.limit": 0,
+    },
+    # BLoB (Wang et al. 2024) as its authors run it on Llama-2-7B: github.com/Wang-ML-Lab/bayesian-peft,
+    # scripts/blob/blob-llama-all.sh with utils/args.py, models/causallm.py and modelwrappers/blob.py. Not reproduced:
+    # their step budget (--max-train-steps 5000: set --epochs to about 5000 * 8 / N for N training examples), the
+    # LoRA on lm_head (--apply-classhead-lora; here the letter head is trained), AdamW eps 1e-6 (torch's 1e-8 here),
+    # training without validation (here the best validation epoch is kept, as for every member).
+    "blob-paper": {
+        "model.scoring": "letter",  # dataset-type mcdataset: the answer letters' logits at the last token
+        "model.train_head": True,
+        "model.max_length": 300,  # --max-seq-len 300
+        "lora.targets": "q_proj,v_proj", "lora.layers": "all",  # causallm.py target_modules (without lm_head)
+        "lora.r": 8, "lora.alpha": 16.0, "lora.dropout": 0.0,  # --lora-r 8 --lora-alpha 16 --lora-dropout 0
+        "train.lr": 1e-4,  # --lr 1e-4 (--opt adamw, --opt-wd default 0)
+        "train.batch_size": 8,  # --batch-size 4 on each of 2 GPUs (accelerate --num_processes=2)
+        "train.weight_decay": 0.0,
+        "train.warmup": 0.06,  # --warmup-ratio 0.06, get_linear_schedule_with_warmup: linear decay to 0
+        "blob.eps": 0.05, "blob.prior_sigma": 0.2, "blob.kl_lr": 0.01, "blob.gamma": 8.0,  # eps, beta, kllr, gamma
+        "blob.kl_reweighting": True,  # --bayes-klreweighting (with --bayes-datasetrescaling: gamma > 0)
+        "blob.samples": 10,  # --bayes-eval-n-samples-final 10
         "data.train_limit": 0,
         "data.val_limit": 0,
         "eval.limit": 0,

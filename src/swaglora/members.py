@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,13 @@ from .data import MCQExample
 from .io import atomic_write_json
 from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
-from .posterior import Posterior, base_rows, get_method, load_posterior, reference_row, row
+from .posterior import CONFIG_NAME, Posterior, base_rows, get_method, load_posterior, reference_row, row
 from .rundir import save_adapter
 from .scoring import HiddenCache, LetterHead, Scorer
 from .selection import training_data
 from .train import fit
 
-__all__ = ["Session", "open_session", "check_schedule", "member_seed", "train_members", "fit_posthoc",
+__all__ = ["Session", "open_session", "check_schedule", "member_seed", "train_members", "train_own_member", "fit_posthoc",
            "add_posthoc_posterior"]
 
 
@@ -108,11 +108,12 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
 
     An unfinished member resumes from its newest valid checkpoint in ``members/<i>/checkpoints/`` (bitwise as
     if never stopped). Under ``accelerate launch`` every process trains (data parallel); only the main one
-    writes files.
+    writes files. Methods that train their own member (BLoB) are trained after that, see :func:`train_own_member`.
     """
     cfg = session.cfg
     dist = distributed.current()
-    names = _needed_posteriors(rows)
+    needed = _needed_posteriors(rows)
+    names = [n for n in needed if not get_method(n).trains_own_member]
     for index in members:
         out = run_dir / "members" / str(index)
         if (out / "done.json").is_file():
@@ -162,6 +163,46 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
                                                   "n_train": len(session.train), "library_version": __version__})
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
         dist.wait()
+    for index in members:
+        for name in needed:
+            if get_method(name).trains_own_member:
+                train_own_member(session, run_dir / "members" / str(index), name, member_seed(cfg, index), progress)
+
+
+def train_own_member(session: Session, out: Path, name: str, seed: int, progress: bool = True) -> None:
+    """Train member ``out`` again for a method that trains its own member (BLoB): from a fresh LoRA init with the
+    member's seed (so the same init and data order as its MAP training), with the method's training hooks, for
+    ``train.epochs`` (no collection phase), keeping the best validation epoch; then save
+    ``posteriors/<name>`` (its presence marks this training finished) and ``done-<name>.json`` (time).
+    Resumes from ``checkpoints-<name>/`` bitwise, like the member's own training."""
+    if (out / "posteriors" / name / CONFIG_NAME).is_file():
+        return
+    cfg, dist, model = session.cfg, distributed.current(), session.model
+    reset_trainable(session, seed)
+    posterior = get_method(name).build(model, cfg)
+    hook = posterior.member_training(model, cfg, len(session.train), seed)
+    checkpoints = out / f"checkpoints-{name}"
+    resume = checkpoint.latest(checkpoints)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            (out / f"train_log-{name}.jsonl").unlink(missing_ok=True)
+        else:
+            print(f"swaglora: member {out.name} ({name}): resuming from {resume.path}", file=sys.stderr)
+    result = fit(session.scorer, session.train, session.validation, replace(cfg, swag=replace(cfg.swag, epochs=0)),
+                 cache=session.cache, log_path=out / f"train_log-{name}.jsonl", seed=seed, progress=progress,
+                 checkpoint_dir=checkpoints, resume=resume, hooks=[hook])
+    with torch.no_grad():  # the best epoch's weights (fit has reloaded them; the hook's tensors too)
+        params = trainable_parameters(model)
+        for k, v in result.map_state.items():
+            params[k].copy_(v)
+    if dist.is_main:
+        posterior.collect(model)
+        atomic_write_json(out / f"done-{name}.json", {"seed": seed, "seconds": result.seconds,
+                                                      "examples_per_second": result.examples_per_second})
+        posterior.save(out / "posteriors" / name, session.metadata)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    dist.wait()
 
 
 def fit_posthoc(session: Session, posterior: Posterior) -> None:
@@ -176,9 +217,9 @@ def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
     """Fit a post-hoc method that a finished member was trained without, at that member's saved MAP weights,
     so ``evaluate --methods laplace`` works on any run without retraining."""
     cls = get_method(name)
-    if cls.trajectory:
-        raise ValueError(f"{member} has no '{name}' posterior and it can only be collected during training; "
-                         f"retrain with it in --methods")
+    if cls.trajectory or cls.trains_own_member:
+        raise ValueError(f"{member} has no '{name}' posterior and it can only be made by training; "
+                         f"train the run again with it in --methods")
     if not session.train:
         raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
     point = reference_row().saved  # the member's fine-tuned weights

@@ -30,6 +30,7 @@ and gradients are averaged before the step; only the main process collects, logs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -128,6 +129,7 @@ def fit(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     resume: checkpoint.Checkpoint | None = None,
+    hooks: Sequence = (),
 ) -> TrainResult:
     """Train the model's trainable parameters on ``train``; collect snapshots into ``collectors``.
 
@@ -143,6 +145,10 @@ def fit(
         checkpoint_dir: write checkpoints here (each epoch end, every ``train.checkpoint_every`` steps, Ctrl-C).
         resume: a checkpoint written by this function with the same arguments: continue from it. When its
             ``meta["map_done"]`` is true, ``on_map_done`` was already called and is not called again.
+        hooks: training variations (e.g. a variational posterior's, :meth:`Posterior.member_training`), each a
+            context manager installed while training with ``start(steps_per_epoch)``, ``tensors()`` (extra
+            trained tensors outside the optimiser: checkpointed, and restored with the best epoch) and
+            ``after_step(step, lr_scale)`` (called after each optimiser step with its lr / ``train.lr``).
 
     Raises:
         FloatingPointError: a non-finite loss or weights, naming the optimiser step (no checkpoint of it is written).
@@ -150,10 +156,11 @@ def fit(
     """
     # Dropout draws its masks from torch's global RNG: run the loop on a forked global RNG seeded from
     # ``seed``, so training is reproducible and the caller's RNG state is left untouched.
-    with torch.random.fork_rng(devices=[]), _Interrupt(enabled=checkpoint_dir is not None) as interrupt:
+    with torch.random.fork_rng(devices=[]), _Interrupt(enabled=checkpoint_dir is not None) as interrupt, \
+            contextlib.ExitStack() as installed:
         torch.random.default_generator.set_state(torch.Generator().manual_seed(seed + 1).get_state())
         loop = _Loop(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress,
-                     checkpoint_dir, interrupt)
+                     checkpoint_dir, interrupt, [installed.enter_context(h) for h in hooks])
         if resume is not None:
             loop.restore(resume)
         return loop.run()
@@ -185,7 +192,7 @@ class _Interrupt:
 
 class _Loop:
     def __init__(self, scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress,
-                 checkpoint_dir, interrupt) -> None:
+                 checkpoint_dir, interrupt, hooks=()) -> None:
         self.dist = distributed.current()
         self.scorer, self.train, self.validation, self.cfg = scorer, train, validation, cfg
         self.collectors, self.on_map_done, self.log_path, self.seed = list(collectors), on_map_done, log_path, seed
@@ -197,6 +204,11 @@ class _Loop:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.train.batch_size) / cfg.train.grad_accum)
         self.result = TrainResult(map_state=_clone(self.params))
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            hook.start(self.steps_per_epoch)
+        self.extra = {f"{j}/{k}": t for j, h in enumerate(self.hooks) for k, t in h.tensors().items()}
+        self.best_extra = _clone(self.extra)
         # the position and running totals: exactly what a checkpoint must carry besides tensors
         self.epoch, self.batch, self.step, self.seen, self.running, self.seconds = 0, 0, 0, 0, 0.0, 0.0
         self.best_nll, self.map_done = math.inf, False
@@ -205,10 +217,10 @@ class _Loop:
     def _identity(self) -> dict:
         """What must match between a checkpoint and the loop resuming from it."""
         return {"seed": self.seed, "steps_per_epoch": self.steps_per_epoch, "params": list(self.params),
-                "collectors": [type(p).name for p in self.collectors]}
+                "collectors": [type(p).name for p in self.collectors], **({"extra": list(self.extra)} if self.extra else {})}
 
     def save(self) -> Path | None:
-        bad = [n for n, p in self.params.items() if not torch.isfinite(p).all()]
+        bad = [n for n, p in {**self.params, **self.extra}.items() if not torch.isfinite(p).all()]
         if bad:  # never checkpoint a diverged state: the previous checkpoint stays the newest
             raise FloatingPointError(f"non-finite weights ({bad[0]}) after optimiser step {self.step}; "
                                      "not checkpointed (lower the learning rate?)")
@@ -216,6 +228,8 @@ class _Loop:
             return None
         tensors = {f"param/{k}": v for k, v in self.params.items()}
         tensors.update({f"best/{k}": v for k, v in self.result.map_state.items()})
+        tensors.update({f"extra/{k}": v for k, v in self.extra.items()})
+        tensors.update({f"best_extra/{k}": v for k, v in self.best_extra.items()})
         optim_tensors, optim_meta = checkpoint.optimizer_state(self.optimizer)
         tensors.update(optim_tensors)
         tensors["rng/torch"] = torch.random.get_rng_state()  # dropout masks
@@ -236,6 +250,8 @@ class _Loop:
                              "use --overwrite to start over")
         _load(self.params, ckpt.group("param"))
         self.result.map_state = _clone(ckpt.group("best"))
+        _load(self.extra, ckpt.group("extra"))
+        self.best_extra = _clone(ckpt.group("best_extra"))
         checkpoint.load_optimizer_state(self.optimizer, ckpt)
         for j, p in enumerate(self.collectors):
             p.load_state_dict(ckpt.group(f"collector/{j}"))
@@ -291,10 +307,13 @@ class _Loop:
                 if (i + 1) % accum and i + 1 != len(batches):
                     continue
                 dist.average_gradients(list(params.values()))
+                lr = lr_at(self.step, self.steps_per_epoch, cfg)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(self.step, self.steps_per_epoch, cfg)
+                    group["lr"] = lr
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                for hook in self.hooks:
+                    hook.after_step(self.step, lr / cfg.train.lr)
                 self.step, self.batch = self.step + 1, i + 1
                 if collecting and every is not None and self.step % every == 0 and dist.is_main:
                     for posterior in self.collectors:
@@ -347,14 +366,15 @@ class _Loop:
             record.update({f"val_{k}": v for k, v in evaluate_point(self.scorer, self.cache, self.validation, cfg.eval.batch_size).items()})
         self.log(record)
         if not collecting and not self.validation:
-            self.result.map_state = _clone(self.params)
+            self.result.map_state, self.best_extra = _clone(self.params), _clone(self.extra)
         elif not collecting:
             # the main process's validation decides, so that every process keeps the same best state
             nll = self.dist.from_main(record.get("val_nll", 0.0))
             if nll < self.best_nll:
-                self.best_nll, self.result.map_state = nll, _clone(self.params)
+                self.best_nll, self.result.map_state, self.best_extra = nll, _clone(self.params), _clone(self.extra)
         if epoch + 1 == cfg.train.epochs:
             _load(self.params, self.result.map_state)  # the paper restarts SWAG from the best MAP checkpoint
+            _load(self.extra, self.best_extra)
             if self.on_map_done is not None:
                 self.on_map_done(model)
             self.map_done = True

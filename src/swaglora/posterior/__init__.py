@@ -22,6 +22,7 @@ from swaglora.posterior.base import (
     Row,
     load_posterior,
 )
+from swaglora.posterior.blob import BLoB
 from swaglora.posterior.dropout import MCDropout
 from swaglora.posterior.ensemble import Ensemble
 from swaglora.posterior.laplace import Laplace
@@ -42,7 +43,7 @@ from swaglora.posterior.registry import (
     rows,
 )
 
-for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace):
+for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB):
     register(_cls)
 del _cls
 
@@ -50,6 +51,7 @@ __all__ = [
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "METHODS",
+    "BLoB",
     "TENSORS_NAME",
     "MAP",
     "SWAG",

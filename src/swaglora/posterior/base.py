@@ -87,6 +87,9 @@ class Posterior(ABC):
     takes_swag_scale: ClassVar[bool] = False
     # True: the class implements linearization(), linearization_point() and logit_covariance()
     linearized_predictive: ClassVar[bool] = False
+    # True: not collected along the MAP/SWAG trajectory: each member is trained again for this method, from a fresh
+    # LoRA init with the member's seed, with the training hooks of member_training() (BLoB)
+    trains_own_member: ClassVar[bool] = False
     # the results-table rows this method provides (read from the class itself, not inherited)
     rows: ClassVar[tuple[Row, ...]] = ()
 
@@ -122,6 +125,11 @@ class Posterior(ABC):
 
     def fit(self, model: nn.Module, batches: Any, loss_fn: Any) -> None:
         """Post-hoc fitting (e.g. Laplace); default: nothing."""
+
+    def member_training(self, model: nn.Module, cfg: RunConfig, n_train: int, seed: int) -> Any:
+        """For ``trains_own_member`` methods: the training hook that :func:`swaglora.train.fit` installs (see its
+        ``hooks``); ``collect(model)`` after that training completes the posterior."""
+        raise NotImplementedError(f"{type(self).__name__} is not trained as its own member")
 
     @abstractmethod
     def sample(self, generator: torch.Generator | None = None, scale: float | None = None) -> dict[str, Tensor]:
