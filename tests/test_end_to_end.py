@@ -56,7 +56,7 @@ def test_train_then_evaluate(tmp_path, tiny_model_dir, data_files, scoring):
         for name in ("init", "map", "swag", "swag-diag"):
             assert sorted(p.name for p in (d / "posteriors" / name).iterdir()) == ["posterior.safetensors", "posterior_config.json"]
         log = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
-        assert [r["phase"] for r in log] == ["map", "swag", "swag"]
+        assert [r["phase"] for r in log] == ["fit", "collect", "collect"]
     swag = load_posterior(run / "members" / "0" / "posteriors" / "swag")
     assert swag.n_collected == 4 // 2 * 2  # 4 steps per epoch x 2 epochs, every 2 steps
     assert (run / "config.json").is_file()
@@ -143,7 +143,7 @@ def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_pat
     answers = np.array([ex.answer_index for ex in session.validation])
     oracle = {}
     for scale in SCALE_GRID:
-        probs = predict_probs(session.scorer, session.validation, swag, cfg.swag.samples, draw_generator(seed, "swag"),
+        probs = predict_probs(session.scorer, session.validation, swag, cfg.posterior.samples, draw_generator(seed, "swag"),
                               batch_size=cfg.eval.batch_size, scale=scale).double().numpy()
         predictive = probs.mean(0)
         oracle[scale] = float(-np.log(predictive[np.arange(len(answers)), answers]).mean())

@@ -22,6 +22,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "SWAGConfig",
+    "PosteriorConfig",
     "LaplaceConfig",
     "EvalConfig",
     "RunConfig",
@@ -144,8 +145,6 @@ class SWAGConfig:
     every: str = _f("25", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
     scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
-    samples: int = _f(4, "posterior samples S per prediction (BMA)")
-    members: int = _f(2, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.anneal_epochs < 0:
@@ -157,9 +156,6 @@ class SWAGConfig:
         if self.max_rank < 0:
             raise ConfigError(f"swag.max_rank must be >= 0, got {self.max_rank}")
         self.scale_setting  # noqa: B018 - validates
-        if self.samples < 1 or self.members < 1:
-            raise ConfigError("swag.samples and swag.members must be >= 1")
-
 
     @property
     def scale_setting(self) -> float | str | None:
@@ -173,6 +169,23 @@ class SWAGConfig:
         if not 0 <= value < float("inf"):
             raise ConfigError(f"swag.scale must be a finite number >= 0, got {value}")
         return value
+
+
+@dataclass
+class PosteriorConfig:
+    """Settings every posterior method shares."""
+
+    samples: int = _f(4, "posterior samples S per member and prediction (BMA)", flag=("--samples", "--swag-samples"))
+    members: int = _f(2, "members trained with independent seeds (MultiSWAG, deep ensembles)", flag="--members")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.members < 1:
+            raise ConfigError("posterior.samples and posterior.members must be >= 1")
+
+    @property
+    def member_indices(self) -> list[int]:
+        """The members a run trains and evaluates: 0 .. members-1."""
+        return list(range(self.members))
 
 
 @dataclass
@@ -197,7 +210,7 @@ class EvalConfig:
     shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group or subject>, files; blob = BLoB's protocol: arc_challenge,arc_easy,mmlu:college_chemistry,mmlu:college_physics)", flag=("--shift", "--eval"))
     limit: int = _f(150, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
-    methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")
+    methods: str = _f("default", "comma-separated table rows, 'default' (MAP and the SWAG family with its ensemble baseline: `swaglora methods` marks them) or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
     allow_tuning_split: bool = _f(False, "allow --split to name a split the run trains or validates on (its numbers are then optimistic)", flag="--allow-tuning-split")
 
@@ -217,11 +230,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SECTIONS = {f.name: f.type for f in fields(RunConfig)}
+
+#: keys that moved to another section: files and ``--set`` written for an older version still read
+MOVED_KEYS = {"swag.samples": "posterior.samples", "swag.members": "posterior.members"}
 
 #: Named bundles of overrides. ``paper`` is the protocol of Onal et al. (2024) for a 7B model on a GPU, as the
 #: authors' code runs it (github.com/fortuinlab/swag-lora; README.md's training command, conf/config.yaml,
@@ -249,9 +266,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "swag.anneal_epochs": 5,  # README.md method.swag_anneal_epochs=5; swag.yaml swag_anneal_strategy 'linear' (SWALR)
         "swag.every": "epoch",  # swag.yaml swag_c_epochs: 1 (collect at each epoch end)
         "swag.max_rank": 5,  # swag.yaml swag_max_num_models: 5
-        "swag.samples": 15,  # scripts/evaluate_swag.bash NUM_SAMPLES=15
+        "posterior.samples": 15,  # scripts/evaluate_swag.bash NUM_SAMPLES=15
         "swag.scale": "1.0",  # scripts/evaluate_swag.bash and evaluate_multiswag.bash SWAG_SAMPLE_SCALE=1.0
-        "swag.members": 5,  # scripts/evaluate_multiswag.bash: 5 trained runs
+        "posterior.members": 5,  # scripts/evaluate_multiswag.bash: 5 trained runs
         "data.val_fraction": 0.2,  # config.yaml val_split_size: 0.2 (a split of train where there is no validation)
         "data.train_limit": 0,
         "data.val_limit": 0,
@@ -311,6 +328,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Return a new config with ``{"section.key": value}`` applied; unknown keys and bad types raise."""
     data = config_to_dict(cfg)
     for key, value in overrides.items():
+        key = MOVED_KEYS.get(key, key)
         section, _, name = key.partition(".")
         if section not in data or name not in data[section]:
             raise ConfigError(f"Unknown config key {key!r}. Valid keys: {', '.join(_valid_keys())}")
@@ -322,6 +340,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Build a RunConfig from nested dicts, with strict key and type checks."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    data = _moved(data)
     sections: dict[str, Any] = {}
     for section, values in data.items():
         if section not in SECTIONS:
@@ -341,6 +360,19 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
             kwargs[name] = _coerce(label, value, hints[name])
         sections[section] = cls(**kwargs)
     return RunConfig(**sections)
+
+
+def _moved(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of :data:`MOVED_KEYS` in their new sections (a key given in both places is an error)."""
+    data = {s: dict(v) if isinstance(v, dict) else v for s, v in data.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if isinstance(data.get(old_section), dict) and old_name in data[old_section]:
+            target = data.setdefault(new_section, {})
+            if not isinstance(target, dict) or new_name in target:
+                raise ConfigError(f"{old} and {new} are the same setting ({old} is its old name); give it once")
+            target[new_name] = data[old_section].pop(old_name)
+    return data
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from .data import MCQExample
 from .io import atomic_write_json, read_json
 from .members import Session, add_posthoc_posterior
 from .params import trainable_parameters
-from .posterior import Ensemble, Posterior, Row, base_rows, get_method, load_posterior, row, row_names
+from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
 from .rundir import member_dirs, set_dir_name, write_eval
 from .selection import base_examples, check_eval_split, eval_data
@@ -33,10 +33,7 @@ SCALE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 def requested_rows(cfg: RunConfig) -> list[str]:
     """zero-shot and the rows of ``--methods``, in order; an unknown name raises ValueError."""
-    wanted = row_names() if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
-    rows = [base.name for base in base_rows()] + wanted
-    for name in rows:
-        row(name)  # an unknown name raises ValueError
+    rows = [base.name for base in base_rows()] + expand_rows(cfg.eval.methods)
     check_eval_split(cfg)  # every command that trains or evaluates a run asks for its rows first
     return list(dict.fromkeys(rows))
 
@@ -46,8 +43,8 @@ def row_unavailable(cfg: RunConfig, name: str) -> str | None:
     spec = row(name)
     if cfg.swag.epochs == 0 and get_method(spec.method).trajectory:
         return "needs SWAG epochs (--swag-epochs is 0)"
-    if cfg.swag.members < 2 and spec.all_members:
-        return f"needs --members 2 or more (--members is {cfg.swag.members})"
+    if cfg.posterior.members < 2 and spec.all_members:
+        return f"needs --members 2 or more (--members is {cfg.posterior.members})"
     return None
 
 

@@ -341,7 +341,7 @@ class _Loop:
         if collecting and every is None and self.dist.is_main:
             for posterior in self.collectors:
                 posterior.collect(model)
-        record = {"epoch": epoch + 1, "phase": "swag" if collecting else "map", "train_loss": self.running / n_batches,
+        record = {"epoch": epoch + 1, "phase": "collect" if collecting else "fit", "train_loss": self.running / n_batches,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if self.validation and self.dist.is_main:
             record.update({f"val_{k}": v for k, v in evaluate_point(self.scorer, self.cache, self.validation, cfg.eval.batch_size).items()})
