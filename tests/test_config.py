@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from swaglora.cli import build_parser, main, resolve_config
-from swaglora.config import PRESETS, ConfigError, RunConfig, apply_overrides, config_to_dict, load_config_file
+from swaglora.config import ConfigError, RunConfig, apply_overrides, config_to_dict, load_config_file
+from swaglora.presets import PRESETS
 
 
 def test_overrides_are_typed():

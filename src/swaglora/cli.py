@@ -13,7 +13,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, SECTIONS, ConfigError, RunConfig, apply_overrides, load_config_file
+from .config import SECTIONS, ConfigError, RunConfig, apply_overrides, load_config_file
+from .presets import PRESETS
 
 __all__ = ["main", "build_parser"]
 
@@ -110,7 +111,7 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
 
 
 def _cmd_tasks() -> int:
-    from .data import TASKS, task_split_sizes
+    from .tasks import TASKS, task_split_sizes
 
     sizes = task_split_sizes()
     print(f"{'task':<15} {'splits':<45} description")

@@ -108,6 +108,7 @@ class _RowEvaluation:
         self.session, self.cfg, self.members, self.sets, self.out_dir, self.bar = session, session.cfg, members, sets, out_dir, bar
         self.seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
         self.chosen: dict[tuple, float] = {}
+        self.memo: dict[tuple, torch.Tensor] = {}  # (member, posterior, S, scale, set) -> probabilities [S, N, C]
 
     def posterior(self, index: int, spec: Row) -> Posterior:
         directory = self.members[index] / "posteriors" / spec.saved
@@ -123,6 +124,16 @@ class _RowEvaluation:
                              forward_generator=draw_generator(self.seeds[used[0]], spec.saved, set_name) if set_name else None,
                              cache=self.session.cache, batch_size=self.cfg.eval.batch_size, scale=scale,
                              linearized=spec.linearized, progress=progress)
+
+    def member_probs(self, index: int, posterior: Posterior, spec: Row, examples: list[MCQExample], n: int,
+                     scale: float | None, set_name: str) -> torch.Tensor:
+        """One member's sample probabilities, computed once per (member, posterior, S, scale, set): the ``swag`` row
+        and member 0 of ``multiswag`` (and ``map`` and member 0 of ``ensemble``) are the same draws, predicted once."""
+        draws = 1 if posterior.is_point_mass else n  # a point mass gives one draw whatever S (map and ensemble)
+        key = (index, spec.saved, draws, scale, set_name)
+        if key not in self.memo:
+            self.memo[key] = self.predict(posterior, range(index, index + 1), spec, examples, n, scale, set_name, self.bar)
+        return self.memo[key]
 
     def auto_scale(self, spec: Row, n: int) -> float:
         """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the draws
@@ -151,8 +162,12 @@ class _RowEvaluation:
         start = time.perf_counter()
         parts = [self.posterior(i, spec) for i in used]
         posterior = Ensemble(parts) if spec.all_members else parts[0]
-        probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
-                 for set_name, _, examples in self.sets}
+        if posterior.stochastic_forward or spec.linearized:  # in-forward randomness: one generator for the row
+            probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
+                     for set_name, _, examples in self.sets}
+        else:  # the mixture's draws are its members' draws in turn (Ensemble.draws), so its predictions are theirs
+            probs = {set_name: torch.cat([self.member_probs(i, parts[i], spec, examples, n, scale, set_name) for i in used])
+                     for set_name, _, examples in self.sets}
         common = {"n_members": len(used), "scale": (scale if scale is not None else parts[0].default_scale) if spec.sampled else spec.scale,
                   "seconds": time.perf_counter() - start, "seed": cfg.train.seed}
         variants = [(spec.name, probs, {})]

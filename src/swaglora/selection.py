@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
+from .data import MCQExample, limit, split_validation
+from .tasks import BLOB_SHIFT_SETS, resolve_dataset, task_splits
 
 __all__ = ["EVAL_SUBSET_SEED", "training_data", "eval_data", "base_examples", "check_eval_split"]
 
