@@ -143,6 +143,7 @@ class SWAGConfig:
     anneal_epochs: int = _f(0, "epochs of linear anneal from the lr the MAP phase ended with to the SWAG lr (0 = constant)")
     every: str = _f("25", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
+    force_save: int = _f(-1, "early stopping of the SWAG phase as the SWAG-LoRA code's force_save: keep the SWAG moments of the collection epoch whose SWA mean has the lowest validation NLL so far, and those of collection epoch force_save+1 (0-based, as theirs) when its mean is not better; -1 = off (keep every snapshot)")
     scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
 
     def __post_init__(self) -> None:
@@ -154,6 +155,8 @@ class SWAGConfig:
             raise ConfigError(f"swag.every must be 'epoch' or a positive integer, got {self.every!r}")
         if self.max_rank < 0:
             raise ConfigError(f"swag.max_rank must be >= 0, got {self.max_rank}")
+        if self.force_save < -1:
+            raise ConfigError(f"swag.force_save must be -1 (off) or an epoch of the SWAG phase >= 0, got {self.force_save}")
         self.scale_setting  # noqa: B018 - validates
 
     @property
@@ -211,6 +214,7 @@ class EvalConfig:
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("default", "comma-separated table rows, 'default' (MAP and the SWAG family with its ensemble baseline: `swaglora methods` marks them) or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
+    validation_only: bool = _f(False, "evaluate the rows on the validation split only, no test or shift set (for tuning and protocol studies: nothing is learnt about the test split)", flag="--validation-only")
     allow_tuning_split: bool = _f(False, "allow --split to name a split the run trains or validates on (its numbers are then optimistic)", flag="--allow-tuning-split")
 
     def __post_init__(self) -> None:

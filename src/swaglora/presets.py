@@ -10,8 +10,7 @@ __all__ = ["PRESETS"]
 #: Named bundles of overrides. ``paper`` is the protocol of Onal et al. (2024) for a 7B model on a GPU, as the
 #: authors' code runs it (github.com/fortuinlab/swag-lora; README.md's training command, conf/config.yaml,
 #: conf/method/swag.yaml, conf/model/llama_7b_hf.yaml, scripts/train.bash, scripts/evaluate_(multi)swag.bash,
-#: train.py). Not reproduced: their force_save early stopping of the SWAG phase (swag.yaml force_save: the SWAG
-#: moments of the epoch with the lowest SWA-mean validation loss, or of epoch swag_start + 5, are kept).
+#: train.py).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         # utils/peft_utils.py trim_head_for_mcqa: the LM head trimmed to the answer letters, read at the last token
@@ -32,7 +31,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "swag.lr": 6e-5,  # scripts/train.bash SWAG_LR = LR / SWAG_DIV_FACTOR (10); README.md's example uses 1e-4
         "swag.anneal_epochs": 5,  # README.md method.swag_anneal_epochs=5; swag.yaml swag_anneal_strategy 'linear' (SWALR)
         "swag.every": "epoch",  # swag.yaml swag_c_epochs: 1 (collect at each epoch end)
-        "swag.max_rank": 5,  # swag.yaml swag_max_num_models: 5
+        "swag.max_rank": 5,
+        # swag.yaml force_save: 5; train.py: keep the SWAG state of the epoch with the lowest SWA-mean validation
+        # loss so far, or force-save it at epoch swag_start + force_save
+        "swag.force_save": 5,  # swag.yaml swag_max_num_models: 5
         "posterior.samples": 15,  # scripts/evaluate_swag.bash NUM_SAMPLES=15
         "swag.scale": "1.0",  # scripts/evaluate_swag.bash and evaluate_multiswag.bash SWAG_SAMPLE_SCALE=1.0
         "posterior.members": 5,  # scripts/evaluate_multiswag.bash: 5 trained runs

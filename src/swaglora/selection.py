@@ -34,7 +34,10 @@ def training_data(cfg: RunConfig) -> tuple[list[MCQExample], list[MCQExample]]:
 
 
 def eval_data(cfg: RunConfig) -> list[tuple[str, str, list[MCQExample]]]:
-    """(name, role, examples) for the in-distribution test split and every shift set."""
+    """(name, role, examples) for the in-distribution test split and every shift set (none with
+    ``eval.validation_only``)."""
+    if cfg.eval.validation_only:
+        return []
     lim = cfg.eval.limit or None
     seed = EVAL_SUBSET_SEED
     sets = []

@@ -37,7 +37,7 @@ from . import checkpoint, distributed, metrics
 from .config import RunConfig
 from .data import MCQExample
 from .io import atomic_write_text
-from .params import trainable_parameters
+from .params import trainable_parameters, use_params
 from .predict import predict_logits
 from .schedule import lr_at
 from .scoring import HiddenCache, Scorer
@@ -51,6 +51,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     examples_per_second: float = 0.0
+    kept_epoch: int | None = None  # swag.force_save: the (1-based) epoch whose collector states were kept
 
 
 #: Examples are shuffled, then sorted by length within pools of this many batches: random batches of
@@ -165,6 +166,11 @@ class _Loop:
         # the position and running totals: exactly what a checkpoint must carry besides tensors
         self.epoch, self.batch, self.step, self.seen, self.running, self.seconds = 0, 0, 0, 0, 0.0, 0.0
         self.best_nll, self.map_done = math.inf, False
+        # swag.force_save: the collectors' states at the kept epoch, and the SWA mean's best validation NLL
+        self.kept: list[dict[str, torch.Tensor]] | None = None
+        self.best_swa_nll = math.inf
+        if cfg.swag.force_save >= 0 and self.collectors and not callable(getattr(self.collectors[0], "mean_params", None)):
+            raise ValueError(f"swag.force_save needs a collector with an SWA mean (mean_params), not {type(self.collectors[0]).__name__}")
 
     # ------------------------------------------------------------------ checkpoints
     def _identity(self) -> dict:
@@ -186,9 +192,12 @@ class _Loop:
         tensors["rng/torch"] = torch.random.get_rng_state()  # dropout masks
         for j, p in enumerate(self.collectors):
             tensors.update({f"collector/{j}/{k}": v for k, v in p.state_dict().items()})
+        for j, state in enumerate(self.kept or []):
+            tensors.update({f"kept/{j}/{k}": v for k, v in state.items()})
         meta = {**self._identity(), "epoch": self.epoch, "batch": self.batch, "seen": self.seen, "running": self.running,
                 "seconds": time.perf_counter() - self.start, "best_nll": None if math.isinf(self.best_nll) else self.best_nll,
-                "map_done": self.map_done, "optimizer": optim_meta,
+                "map_done": self.map_done, "optimizer": optim_meta, "kept_epoch": self.result.kept_epoch,
+                "best_swa_nll": None if math.isinf(self.best_swa_nll) else self.best_swa_nll,
                 # as JSON lines: the checkpoint's own JSON is key-sorted, the log keeps the records' order
                 "history": [json.dumps(r) for r in self.result.history]}
         return checkpoint.save(self.checkpoint_dir, self.step, tensors, meta)
@@ -209,6 +218,10 @@ class _Loop:
         self.epoch, self.batch, self.step, self.seen = meta["epoch"], meta["batch"], ckpt.step, meta["seen"]
         self.running, self.seconds, self.map_done = meta["running"], meta["seconds"], meta["map_done"]
         self.best_nll = math.inf if meta["best_nll"] is None else meta["best_nll"]
+        self.best_swa_nll = math.inf if meta.get("best_swa_nll") is None else meta["best_swa_nll"]
+        self.result.kept_epoch = meta.get("kept_epoch")
+        if self.result.kept_epoch is not None:
+            self.kept = [_clone(ckpt.group(f"kept/{j}")) for j in range(len(self.collectors))]
         if self.log_path is not None and self.dist.is_main:  # drop records logged after the checkpoint
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.result.history))
 
@@ -275,6 +288,9 @@ class _Loop:
                 self._stop(path)
         if cfg.train.epochs == 0 and self.on_map_done is not None and not self.map_done:
             self.on_map_done(model)
+        if self.kept is not None:  # swag.force_save: the moments of the kept epoch, not the last one
+            for p, state in zip(self.collectors, self.kept):
+                p.load_state_dict(state)
         self.result.seconds = time.perf_counter() - self.start
         self.result.examples_per_second = self.seen / max(self.result.seconds, 1e-9)
         return self.result
@@ -300,6 +316,19 @@ class _Loop:
         loss_value, stops = dist.sum([loss_value, float(self.interrupt.requested)])
         return loss_value, stops > 0
 
+    def _early_stop(self, collection_epoch: int) -> dict:
+        """``swag.force_save``: score the SWA mean on validation and keep the collectors' states when the rule says so."""
+        if self.collectors[0].n_collected == 0:
+            return {}
+        with use_params(self.scorer.model, self.collectors[0].mean_params()):
+            nll = evaluate_point(self.scorer, self.cache, self.validation, self.cfg.eval.batch_size)["nll"]
+        choice = _swa_choice(nll, self.best_swa_nll, collection_epoch, self.cfg.swag.force_save)
+        if choice is not None:
+            self.kept = [_clone(p.state_dict()) for p in self.collectors]
+            self.result.kept_epoch = self.epoch + 1
+            self.best_swa_nll = min(nll, self.best_swa_nll)
+        return {"val_swa_nll": nll, "swag_kept": choice}
+
     def _end_epoch(self, epoch: int, collecting: bool, every: int | None, n_batches: int) -> None:
         cfg, model = self.cfg, self.scorer.model
         model.eval()
@@ -310,6 +339,8 @@ class _Loop:
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if self.validation and self.dist.is_main:
             record.update({f"val_{k}": v for k, v in evaluate_point(self.scorer, self.cache, self.validation, cfg.eval.batch_size).items()})
+        if collecting and cfg.swag.force_save >= 0 and self.collectors and self.validation and self.dist.is_main:
+            record.update(self._early_stop(epoch - cfg.train.epochs))
         self.log(record)
         if not collecting and not self.validation:
             self.result.map_state = _clone(self.params)
@@ -324,6 +355,15 @@ class _Loop:
                 self.on_map_done(model)
             self.map_done = True
         self.epoch, self.batch, self.running = epoch + 1, 0, 0.0
+
+
+def _swa_choice(nll: float, best: float, collection_epoch: int, force_save: int) -> str | None:
+    """The SWAG-LoRA code's rule (train.py, ``force_save``) for one collection epoch (0-based): ``"best"`` when the SWA
+    mean's validation NLL improves on the best so far, else ``"forced"`` at epoch ``force_save``, else None (the
+    earlier kept state stays)."""
+    if nll < best:
+        return "best"
+    return "forced" if collection_epoch == force_save else None
 
 
 def _clone(tensors) -> dict[str, torch.Tensor]:
