@@ -121,6 +121,7 @@ def test_paper_preset_resolves_to_the_authors_settings():
     assert (cfg.train.epochs, cfg.swag.epochs, cfg.swag.anneal_epochs, cfg.swag.every) == (8, 10, 5, "epoch")
     assert cfg.swag.lr == pytest.approx(cfg.train.lr / 10)  # scripts/train.bash SWAG_DIV_FACTOR=10
     assert (cfg.swag.max_rank, cfg.posterior.samples, cfg.swag.scale_setting, cfg.posterior.members) == (5, 15, 1.0, 5)
+    assert cfg.swag.force_save == 5  # conf/method/swag.yaml force_save: 5
     assert (cfg.data.train_limit, cfg.data.val_limit, cfg.eval.limit, cfg.data.val_fraction) == (0, 0, 0, 0.2)
 
 
