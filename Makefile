@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.swaglora-installed
 
-.PHONY: demo test test-bf16 bench install clean
+.PHONY: demo test test-bf16 bench study install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-bf16: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The protocol study (scripts/protocol_study.py): screen on validation, confirm with 3 seeds, test once, report
+# to docs/protocol-study.md. Resumable: rerun to continue.
+study: $(STAMP)
+	$(PY) scripts/protocol_study.py --out runs/study
 
 clean:
 	rm -rf runs build *.egg-info

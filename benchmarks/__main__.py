@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHES = ("train_step", "roofline", "swag_overhead", "bma", "memory")
+BENCHES = ("train_step", "roofline", "swag_overhead", "bma", "memory", "eval_rows")
 HERE = Path(__file__).resolve().parent
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from swaglora.config import LoraSettings, ModelConfig, RunConfig, TrainConfig
-from swaglora.data import MCQExample, limit, load_task
+from swaglora.data import MCQExample, limit
+from swaglora.tasks import load_task
 from swaglora.models import LoadedModel, load_model
 from swaglora.members import Session, open_session
 

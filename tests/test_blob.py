@@ -249,7 +249,7 @@ def test_blob_training_killed_resumes_bitwise(tmp_path, tiny_model_dir):
 
 def test_blob_paper_preset_and_bad_flags(tmp_path, capsys):
     from swaglora.cli import main
-    from swaglora.config import PRESETS
+    from swaglora.presets import PRESETS
 
     cfg = apply_overrides(RunConfig(), PRESETS["blob-paper"])
     # scripts/blob/blob-llama-all.sh: eps=0.05 beta=0.2 kllr=0.01 gamma=8, --lr 1e-4, 2 GPUs x --batch-size 4,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from swaglora.cli import build_parser, main, resolve_config
-from swaglora.config import PRESETS, ConfigError, RunConfig, apply_overrides, load_config_file
+from swaglora.config import ConfigError, RunConfig, apply_overrides, config_to_dict, load_config_file
+from swaglora.presets import PRESETS
 
 
 def test_overrides_are_typed():
@@ -76,7 +77,7 @@ def test_cli_flags_file_set_and_preset_compose(tmp_path):
          "--set", "swag.samples=7", "--swag-start", "3"]
     )
     cfg = resolve_config(args)
-    assert cfg.lora.r == 4 and cfg.swag.samples == 7 and cfg.train.epochs == 3
+    assert cfg.lora.r == 4 and cfg.posterior.samples == 7 and cfg.train.epochs == 3
     assert cfg.swag.lr == PRESETS["paper"]["swag.lr"] and cfg.model.scoring == "letter"
     assert cfg.train.lr == PRESETS["paper"]["train.lr"]  # the preset overrides the file; flags override both
 
@@ -119,7 +120,8 @@ def test_paper_preset_resolves_to_the_authors_settings():
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.weight_decay, cfg.train.warmup, cfg.train.schedule) == (6e-4, 16, 0.0, 0.06, "linear")
     assert (cfg.train.epochs, cfg.swag.epochs, cfg.swag.anneal_epochs, cfg.swag.every) == (8, 10, 5, "epoch")
     assert cfg.swag.lr == pytest.approx(cfg.train.lr / 10)  # scripts/train.bash SWAG_DIV_FACTOR=10
-    assert (cfg.swag.max_rank, cfg.swag.samples, cfg.swag.scale_setting, cfg.swag.members) == (5, 15, 1.0, 5)
+    assert (cfg.swag.max_rank, cfg.posterior.samples, cfg.swag.scale_setting, cfg.posterior.members) == (5, 15, 1.0, 5)
+    assert cfg.swag.force_save == 5  # conf/method/swag.yaml force_save: 5
     assert (cfg.data.train_limit, cfg.data.val_limit, cfg.eval.limit, cfg.data.val_fraction) == (0, 0, 0, 0.2)
 
 
@@ -150,3 +152,21 @@ def test_linear_schedule_with_warm_up_by_hand():
     assert lrs[30:] == pytest.approx([1e-4] * 10)
     auto = apply_overrides(cfg, {"train.schedule": "auto"})  # the default: constant until SWAG, warm-up over MAP only
     assert [lr_at(s, 10, auto) for s in range(20)] == pytest.approx([5e-4, 1e-3] + [1e-3] * 18)
+
+
+def test_samples_and_members_moved_to_the_posterior_section_and_old_files_still_read(tmp_path):
+    from swaglora.config import PosteriorConfig
+
+    old = tmp_path / "old.json"  # a config.json written before samples/members left the swag section
+    old.write_text(json.dumps({"swag": {"samples": 7, "members": 3, "max_rank": 4}}))
+    cfg = load_config_file(old)
+    assert (cfg.posterior.samples, cfg.posterior.members, cfg.swag.max_rank) == (7, 3, 4)
+    assert cfg.posterior.member_indices == [0, 1, 2]
+    assert apply_overrides(RunConfig(), {"swag.members": 5}).posterior.members == 5
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({"swag": {"samples": 7}, "posterior": {"samples": 3}}))
+    with pytest.raises(ConfigError, match="swag.samples and posterior.samples are the same setting"):
+        load_config_file(both)
+    assert "samples" not in config_to_dict(RunConfig())["swag"] and PosteriorConfig().samples == 4
+    cli = build_parser().parse_args(["run", "--swag-samples", "6", "--samples", "9"])  # old flag is an alias
+    assert resolve_config(cli).posterior.samples == 9

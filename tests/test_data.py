@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from swaglora import data
+from swaglora import data, tasks
 from swaglora.data import DataError, MCQExample
 
 BUNDLE = Path(data.__file__).parent / "data_files"
@@ -239,20 +239,20 @@ def test_example_is_frozen_and_checked():
 # --------------------------------------------------------------------------- bundled tasks
 
 def test_task_registry():
-    assert sorted(data.TASKS) == ["arc_challenge", "arc_easy", "cqa", "mmlu", "obqa"]
-    for name, info in data.TASKS.items():
+    assert sorted(tasks.TASKS) == ["arc_challenge", "arc_easy", "cqa", "mmlu", "obqa"]
+    for name, info in tasks.TASKS.items():
         assert info.name == name and info.description and info.source and info.license
         assert set(info.splits) == set(EXPECTED_SIZES[name])
 
 
 def test_task_split_sizes_match_readme():
-    assert data.task_split_sizes() == EXPECTED_SIZES
+    assert tasks.task_split_sizes() == EXPECTED_SIZES
 
 
 @pytest.mark.parametrize(("task", "split"),
                          [(t, s) for t, splits in EXPECTED_SIZES.items() for s in splits])
 def test_every_bundled_split_loads(task, split):
-    examples = data.load_task(task, split)
+    examples = tasks.load_task(task, split)
     assert len(examples) == EXPECTED_SIZES[task][split]
     assert all(isinstance(ex, MCQExample) for ex in examples)
     assert all((ex.subject is not None) == (task == "mmlu") for ex in examples)
@@ -280,72 +280,72 @@ def test_bundled_files_equal_shared_originals():
 
 def test_task_splits_roles():
     for name in ("obqa", "arc_easy", "arc_challenge"):
-        assert data.task_splits(name) == data.TaskSplits("train", "validation", "test")
-    assert data.task_splits("cqa") == data.TaskSplits("train", "validation", "validation")
-    assert data.task_splits("mmlu") == data.TaskSplits("dev", "validation", "test")
-    assert data.task_splits("mmlu:physics") == data.task_splits("mmlu")
-    assert len(data.load_task("mmlu", "train")) == 285
-    assert len(data.load_task("cqa", "test")) == 1221
+        assert tasks.task_splits(name) == tasks.TaskSplits("train", "validation", "test")
+    assert tasks.task_splits("cqa") == tasks.TaskSplits("train", "validation", "validation")
+    assert tasks.task_splits("mmlu") == tasks.TaskSplits("dev", "validation", "test")
+    assert tasks.task_splits("mmlu:physics") == tasks.task_splits("mmlu")
+    assert len(tasks.load_task("mmlu", "train")) == 285
+    assert len(tasks.load_task("cqa", "test")) == 1221
 
 
 def test_unknown_task_lists_available():
     with pytest.raises(DataError) as info:
-        data.load_task("x", "train")
+        tasks.load_task("x", "train")
     assert str(info.value) == "Unknown task 'x'. Available: arc_challenge, arc_easy, cqa, mmlu, obqa"
     with pytest.raises(DataError, match="Unknown task"):
-        data.task_splits("squad")
+        tasks.task_splits("squad")
 
 
 def test_unknown_split_lists_available():
     with pytest.raises(DataError) as info:
-        data.load_task("cqa", "dev")
+        tasks.load_task("cqa", "dev")
     assert "Unknown split 'dev'" in str(info.value) and "train, validation" in str(info.value)
 
 
 # --------------------------------------------------------------------------- MMLU subsets
 
 def test_mmlu_categories_partition_all_subjects():
-    subjects = {ex.subject for ex in data.load_task("mmlu", "test")}
-    assert len(subjects) == 57 and subjects == set(data.MMLU_SUBJECTS)
-    in_categories = [s for c in data.MMLU_CATEGORIES for s in data.MMLU_GROUPS[c]]
+    subjects = {ex.subject for ex in tasks.load_task("mmlu", "test")}
+    assert len(subjects) == 57 and subjects == set(tasks.MMLU_SUBJECTS)
+    in_categories = [s for c in tasks.MMLU_CATEGORIES for s in tasks.MMLU_GROUPS[c]]
     assert sorted(in_categories) == sorted(subjects)  # each exactly once
-    assert set(data.MMLU_CATEGORIES) == {"stem", "humanities", "social_sciences", "other"}
+    assert set(tasks.MMLU_CATEGORIES) == {"stem", "humanities", "social_sciences", "other"}
 
 
 def test_mmlu_finer_groups():
     finer = ("computer_science", "engineering", "law", "health", "physics", "chemistry", "math",
              "biology", "economics", "philosophy", "history")
     for group in finer:
-        assert data.MMLU_GROUPS[group], group
-        assert set(data.MMLU_GROUPS[group]) <= set(data.MMLU_SUBJECTS)
-    assert data.MMLU_GROUPS["physics"] == ("astronomy", "college_physics", "conceptual_physics",
+        assert tasks.MMLU_GROUPS[group], group
+        assert set(tasks.MMLU_GROUPS[group]) <= set(tasks.MMLU_SUBJECTS)
+    assert tasks.MMLU_GROUPS["physics"] == ("astronomy", "college_physics", "conceptual_physics",
                                            "high_school_physics")
-    assert data.MMLU_GROUPS["law"] == ("international_law", "jurisprudence", "professional_law")
-    assert "college_physics" in data.MMLU_GROUPS["stem"]
-    assert "professional_law" in data.MMLU_GROUPS["humanities"]
+    assert tasks.MMLU_GROUPS["law"] == ("international_law", "jurisprudence", "professional_law")
+    assert "college_physics" in tasks.MMLU_GROUPS["stem"]
+    assert "professional_law" in tasks.MMLU_GROUPS["humanities"]
 
 
 def test_mmlu_single_subject():
-    examples = data.resolve_dataset("mmlu:college_physics", "test")
+    examples = tasks.resolve_dataset("mmlu:college_physics", "test")
     assert len(examples) == 102 and {ex.subject for ex in examples} == {"college_physics"}
 
 
 def test_mmlu_group_selects_its_subjects():
-    examples = data.load_task("mmlu:chemistry", "validation")
+    examples = tasks.load_task("mmlu:chemistry", "validation")
     assert {ex.subject for ex in examples} == {"college_chemistry", "high_school_chemistry"}
 
 
 def test_unknown_mmlu_subset_lists_valid():
     with pytest.raises(DataError) as info:
-        data.resolve_dataset("mmlu:astrology", "test")
+        tasks.resolve_dataset("mmlu:astrology", "test")
     msg = str(info.value)
     assert "astrology" in msg and "stem" in msg and "college_physics" in msg
 
 
 def test_blob_shift_sets_resolve():
-    assert data.BLOB_SHIFT_SETS == ("arc_challenge", "arc_easy", "mmlu:college_chemistry",
+    assert tasks.BLOB_SHIFT_SETS == ("arc_challenge", "arc_easy", "mmlu:college_chemistry",
                                     "mmlu:college_physics")
-    assert [len(data.resolve_dataset(s, "test")) for s in data.BLOB_SHIFT_SETS] == [
+    assert [len(tasks.resolve_dataset(s, "test")) for s in tasks.BLOB_SHIFT_SETS] == [
         1172, 2376, 100, 102]
 
 
@@ -353,12 +353,12 @@ def test_blob_shift_sets_resolve():
 
 def test_resolve_path_ignores_split(tmp_path):
     path = write(tmp_path, [row(0), row(1)], name="mine.jsonl.gz")
-    assert len(data.resolve_dataset(str(path), "whatever")) == 2
+    assert len(tasks.resolve_dataset(str(path), "whatever")) == 2
 
 
 def test_resolve_unknown_spec():
     with pytest.raises(DataError, match="Unknown dataset 'nope'.*obqa"):
-        data.resolve_dataset("nope", "test")
+        tasks.resolve_dataset("nope", "test")
 
 
 def test_resolve_hub_without_datasets(monkeypatch):
@@ -373,7 +373,7 @@ def test_resolve_hub_without_datasets(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(DataError, match=r"pip install swaglora\[hub\]"):
-        data.resolve_dataset("hf:allenai/openbookqa:main", "test")
+        tasks.resolve_dataset("hf:allenai/openbookqa:main", "test")
 
 
 # --------------------------------------------------------------------------- hub rows
@@ -382,7 +382,7 @@ def test_hub_openbookqa_row():
     hub_row = {"id": "7-980", "question_stem": "The sun is responsible for",
                "choices": {"text": ["puppies", "plants sprouting", "rain", "ice"],
                            "label": ["A", "B", "C", "D"]}, "answerKey": "B"}
-    ex = data.convert_hf_row("allenai/openbookqa", hub_row, 0)
+    ex = tasks.convert_hf_row("allenai/openbookqa", hub_row, 0)
     assert ex == MCQExample("7-980", "The sun is responsible for",
                             ("puppies", "plants sprouting", "rain", "ice"),
                             ("A", "B", "C", "D"), "B")
@@ -392,7 +392,7 @@ def test_hub_arc_numeric_labels():
     hub_row = {"id": "MCAS_1", "question": "Which is a gas?",
                "choices": {"text": ["rock", "steam", "ice"], "label": ["1", "2", "3"]},
                "answerKey": "2"}
-    ex = data.convert_hf_row("allenai/ai2_arc", hub_row, 5)
+    ex = tasks.convert_hf_row("allenai/ai2_arc", hub_row, 5)
     assert ex.labels == ("A", "B", "C") and ex.answer == "B" and ex.answer_index == 1
     assert ex.choices == ("rock", "steam", "ice")
 
@@ -400,7 +400,7 @@ def test_hub_arc_numeric_labels():
 def test_hub_arc_letter_labels_five_choices():
     hub_row = {"id": "m2", "question": "q?",
                "choices": {"text": list("vwxyz"), "label": list("ABCDE")}, "answerKey": "E"}
-    assert data.convert_hf_row("allenai/ai2_arc", hub_row, 0).answer_index == 4
+    assert tasks.convert_hf_row("allenai/ai2_arc", hub_row, 0).answer_index == 4
 
 
 def test_hub_commonsense_qa_row():
@@ -409,7 +409,7 @@ def test_hub_commonsense_qa_row():
                "choices": {"label": list("ABCDE"),
                            "text": ["fast food restaurant", "pizza", "ground up dead cows",
                                     "mouth", "cow carcus"]}, "answerKey": "A"}
-    ex = data.convert_hf_row("tau/commonsense_qa", hub_row, 0)
+    ex = tasks.convert_hf_row("tau/commonsense_qa", hub_row, 0)
     assert ex.n_choices == 5 and ex.answer == "A" and ex.id == "075e"
 
 
@@ -417,25 +417,25 @@ def test_hub_commonsense_qa_unlabelled_test_row():
     hub_row = {"id": "t", "question": "q", "question_concept": "c",
                "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": ""}
     with pytest.raises(DataError, match="hf:tau/commonsense_qa:1: field 'answerKey'"):
-        data.convert_hf_row("tau/commonsense_qa", hub_row, 0)
+        tasks.convert_hf_row("tau/commonsense_qa", hub_row, 0)
 
 
 def test_hub_mmlu_row():
     hub_row = {"question": "2+2?", "subject": "elementary_mathematics",
                "choices": ["3", "4", "5", "6"], "answer": 1}
-    ex = data.convert_hf_row("cais/mmlu", hub_row, 3)
+    ex = tasks.convert_hf_row("cais/mmlu", hub_row, 3)
     assert ex.answer == "B" and ex.subject == "elementary_mathematics" and ex.id == "cais/mmlu/3"
 
 
 def test_hub_our_schema_row():
-    ex = data.convert_hf_row("me/mine", {**row(0), "subject": None}, 0)
+    ex = tasks.convert_hf_row("me/mine", {**row(0), "subject": None}, 0)
     assert ex == MCQExample("q0", "Question 0?", ("option 0", "option 1", "option 2", "option 3"),
                             ("A", "B", "C", "D"), "B")
 
 
 def test_hub_unknown_layout():
     with pytest.raises(DataError) as info:
-        data.convert_hf_row("someone/squad", {"context": "c", "question": "q", "answers": {}}, 4)
+        tasks.convert_hf_row("someone/squad", {"context": "c", "question": "q", "answers": {}}, 4)
     msg = str(info.value)
     assert "someone/squad" in msg and ":5:" in msg and "['answers', 'context', 'question']" in msg
 
@@ -443,7 +443,7 @@ def test_hub_unknown_layout():
 def test_hub_examples_rejects_duplicates():
     rows = [row(0), row(1), row(0)]
     with pytest.raises(DataError, match="hf:me/mine:3: field 'id': duplicate id 'q0'"):
-        data.hub_examples("me/mine", rows)
+        tasks.hub_examples("me/mine", rows)
 
 
 # --------------------------------------------------------------------------- splits & subsets
@@ -504,10 +504,10 @@ def test_resolve_hub_spec_with_fake_datasets(monkeypatch):
         return [{"question": "2+2?", "subject": "math", "choices": ["3", "4"], "answer": 1}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    examples = data.resolve_dataset("hf:cais/mmlu:college_physics", "test")
+    examples = tasks.resolve_dataset("hf:cais/mmlu:college_physics", "test")
     assert calls == [("cais/mmlu", "college_physics", "test")]
     assert examples[0].answer == "B" and examples[0].id == "cais/mmlu/0"
-    data.resolve_dataset("hf:someone/mine", "train")
+    tasks.resolve_dataset("hf:someone/mine", "train")
     assert calls[-1] == ("someone/mine", None, "train")
 
 
@@ -515,7 +515,7 @@ def test_directory_given_as_data_file_says_so(tmp_path):
     (tmp_path / "mydata").mkdir()
     for spec in (tmp_path / "mydata", str(tmp_path / "mydata")):
         with pytest.raises(DataError, match="mydata: is a directory; give a .jsonl"):
-            data.resolve_dataset(str(spec), "train")
+            tasks.resolve_dataset(str(spec), "train")
 
 
 def test_non_utf8_line_is_named(tmp_path):

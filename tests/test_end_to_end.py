@@ -56,7 +56,7 @@ def test_train_then_evaluate(tmp_path, tiny_model_dir, data_files, scoring):
         for name in ("init", "map", "swag", "swag-diag"):
             assert sorted(p.name for p in (d / "posteriors" / name).iterdir()) == ["posterior.safetensors", "posterior_config.json"]
         log = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
-        assert [r["phase"] for r in log] == ["map", "swag", "swag"]
+        assert [r["phase"] for r in log] == ["fit", "collect", "collect"]
     swag = load_posterior(run / "members" / "0" / "posteriors" / "swag")
     assert swag.n_collected == 4 // 2 * 2  # 4 steps per epoch x 2 epochs, every 2 steps
     assert (run / "config.json").is_file()
@@ -143,7 +143,7 @@ def test_swag_scale_auto_picks_the_grid_scale_with_lowest_validation_nll(tmp_pat
     answers = np.array([ex.answer_index for ex in session.validation])
     oracle = {}
     for scale in SCALE_GRID:
-        probs = predict_probs(session.scorer, session.validation, swag, cfg.swag.samples, draw_generator(seed, "swag"),
+        probs = predict_probs(session.scorer, session.validation, swag, cfg.posterior.samples, draw_generator(seed, "swag"),
                               batch_size=cfg.eval.batch_size, scale=scale).double().numpy()
         predictive = probs.mean(0)
         oracle[scale] = float(-np.log(predictive[np.arange(len(answers)), answers]).mean())
@@ -299,3 +299,31 @@ def test_a_question_gets_the_same_weight_sampled_probabilities_in_every_set(tmp_
             a, b = in_test[rows[k]["id"]], in_shift[f"again-{k}"]
             assert a["probs"] == b["probs"] and a["mutual_information"] == b["mutual_information"]
             assert a["mutual_information"] > 0  # really sampled: the draws disagree
+
+
+def test_multiswag_row_equals_the_ensemble_through_predict_probs(tmp_path, tiny_model_dir, data_files):
+    """The table computes a mixture row from its members' predictions (each predicted once, shared with the
+    single-member row); that is exactly the Ensemble's predictive through predict_probs with one generator per
+    member."""
+    from swaglora.evaluate import draw_generator
+    from swaglora.members import open_session
+    from swaglora.posterior import Ensemble
+    from swaglora.predict import predict_probs
+    from swaglora.rundir import load_run_config
+    from swaglora.selection import eval_data
+
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), *_common(tiny_model_dir, data_files), "--methods", "swag,multiswag",
+                 "--dtype", "float32"]) == 0
+    cfg = load_run_config(run)
+    session = open_session(cfg)
+    members = [run / "members" / str(i) for i in range(2)]
+    ensemble = Ensemble([load_posterior(m / "posteriors" / "swag") for m in members])
+    seeds = [json.loads((m / "done.json").read_text())["seed"] for m in members]
+    test = next(ex for name, _, ex in eval_data(cfg) if name == "test")
+    probs = predict_probs(session.scorer, test, ensemble, cfg.posterior.samples,
+                          [draw_generator(s, "swag") for s in seeds], batch_size=cfg.eval.batch_size, scale=0.5)
+    read = lambda row: torch.tensor([json.loads(l)["probs"] for l in (run / "eval" / "test" / row / "predictions.jsonl").read_text().splitlines()])  # noqa: E731
+    assert probs.shape[0] == 2 * cfg.posterior.samples
+    assert torch.allclose(read("multiswag"), probs.mean(0).double(), atol=1e-6)
+    assert torch.allclose(read("swag"), probs[: cfg.posterior.samples].mean(0).double(), atol=1e-6)

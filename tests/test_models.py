@@ -39,6 +39,27 @@ def test_lora_init_is_seeded_without_global_rng(tiny_model_dir):
     assert torch.equal(pa[name], pb[name]) and not torch.equal(pa[name], pc[name])
 
 
+def test_init_lora_puts_every_trainable_back_including_the_letter_head(tiny_model_dir):
+    """A fresh member starts from the same place as a freshly built model: LoRA A as add_lora's seeded draw, B zero,
+    the letter head at the LM-head rows of the letters."""
+    from swaglora.scoring import Scorer
+
+    lm = load_model(ModelConfig(name=str(tiny_model_dir)))
+    model = add_lora(lm.model, LoraSettings(r=2), seed=7)
+    scorer = Scorer(model, lm.tokenizer, "letter")
+    fresh = {k: v.clone() for k, v in trainable_parameters(model).items()}
+    head = next(k for k in fresh if "letter_head" in k)
+    lm_rows = model.get_base_model().lm_head.weight[scorer.letter_head.token_ids]
+    assert torch.equal(fresh[head], lm_rows.float())
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(1.0)
+    models.init_lora(model, 7)
+    after = trainable_parameters(model)
+    assert sorted(after) == sorted(fresh) and all(torch.equal(after[k], fresh[k]) for k in fresh)
+    assert all(not after[k].any() for k in after if "lora_B" in k)
+
+
 @pytest.mark.slow
 def test_embedded_model_cache_is_atomic_and_exact(tmp_path, monkeypatch):
     """A killed first run leaves no half cache; the cache reloads with outputs identical to the GGUF model."""

@@ -87,3 +87,39 @@ def test_a_linearised_row_needs_a_linearised_predictive(toy_registered):
 
     with pytest.raises(ValueError, match="no linearised predictive"):
         registry.register(Flat)
+
+
+def test_methods_default_is_the_rows_their_classes_mark():
+    from swaglora.posterior import default_rows, expand_rows
+
+    assert expand_rows("default") == ["map", "swa", "swag-diag", "swag", "multiswag", "ensemble"]
+    assert [r.name for r in default_rows()] == expand_rows("default")
+    assert expand_rows("all") == [r.name for r in __import__("swaglora.posterior", fromlist=["rows"]).rows()]
+    assert expand_rows(" swag , map ") == ["swag", "map"]
+    with pytest.raises(ValueError, match="Unknown method 'swagg'"):
+        expand_rows("map,swagg")
+
+
+def test_no_method_name_is_spelled_outside_the_posterior_package():
+    """Adding or renaming a method touches posterior/ only: no string literal outside it names a method or a row
+    (alone, or in a comma-separated list)."""
+    import ast
+    from pathlib import Path
+
+    import swaglora
+    from swaglora.posterior import method_names, row_names
+
+    names = set(method_names()) | set(row_names())
+    package = Path(swaglora.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if "posterior" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                words = {w.strip() for w in node.value.split(",")} if "," in node.value else {node.value}
+                if words & names:
+                    found.append(f"{path.name}:{node.lineno} {node.value!r}")
+    assert len(list(package.rglob("*.py"))) > 20  # the scan saw the package
+    # `--shift blob` names BLoB's evaluation protocol (its shift sets), a homonym of the method, not the method
+    assert [f for f in found if not f.startswith("selection.py:") or not f.endswith(" 'blob'")] == []

@@ -13,7 +13,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, SECTIONS, ConfigError, RunConfig, apply_overrides, load_config_file
+from .config import SECTIONS, ConfigError, RunConfig, apply_overrides, load_config_file
+from .presets import PRESETS
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +50,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file with nested sections (model, lora, data, train, swag, laplace, blob, eval)")
+    parser.add_argument("--config", help=f"YAML or JSON file with nested sections ({', '.join(SECTIONS)})")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of settings (paper = Onal et al. 2024, blob-paper = Wang et al. 2024)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key (repeatable); unknown keys and wrong types are rejected")
@@ -110,7 +111,7 @@ def resolve_config(args: argparse.Namespace, base: RunConfig | None = None) -> R
 
 
 def _cmd_tasks() -> int:
-    from .data import TASKS, task_split_sizes
+    from .tasks import TASKS, task_split_sizes
 
     sizes = task_split_sizes()
     print(f"{'task':<15} {'splits':<45} description")
@@ -128,9 +129,9 @@ def _cmd_methods() -> int:
     for name in method_names():
         doc = (get_method(name).__doc__ or "").strip().splitlines()
         print(f"  {name:<15} {doc[0] if doc else ''}")
-    print("\nresults-table rows (--methods):")
+    print("\nresults-table rows (--methods: a comma-separated list, 'all', or 'default' = the rows marked *):")
     for row in rows():
-        print(f"  {row.name:<15} {row.help}")
+        print(f"{'*' if row.default else ' '} {row.name:<15} {row.help}")
     return 0
 
 
@@ -146,9 +147,9 @@ def _report(run_dirs: list[Path], out: Path | None, abstain_risk: float | None =
 
 def _print_choice(cfg: RunConfig) -> None:
     """The model, scoring, dtype and task a command will use (after preflight has validated them)."""
-    from .models import DEFAULT_SCORING, runtime_info
+    from .models import resolve_scoring, runtime_info
 
-    scoring = cfg.model.scoring if cfg.model.scoring != "auto" else DEFAULT_SCORING.get(cfg.model.name, "letter")
+    scoring = resolve_scoring(cfg.model)
     why = "" if cfg.model.scoring != "auto" else " (this model's default; --scoring letter|cloze to change)"
     runtime = runtime_info(cfg.model)
     print(f"model {cfg.model.name}, scoring {scoring}{why}, dtype {runtime['dtype']} on {runtime['device']}"
@@ -251,7 +252,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         cfg = resolve_config(args)
         out = Path(args.out)
-        members = args.member_index if args.member_index is not None else list(range(cfg.swag.members))
+        members = args.member_index if args.member_index is not None else cfg.posterior.member_indices
         plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members)
         _print_choice(cfg)
         pipeline.prepare_run_dir(cfg, out, args.overwrite, plan.data_sha256)

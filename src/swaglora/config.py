@@ -22,11 +22,11 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "SWAGConfig",
+    "PosteriorConfig",
     "LaplaceConfig",
     "BLoBConfig",
     "EvalConfig",
     "RunConfig",
-    "PRESETS",
     "apply_overrides",
     "load_config_file",
     "config_from_dict",
@@ -144,9 +144,8 @@ class SWAGConfig:
     anneal_epochs: int = _f(0, "epochs of linear anneal from the lr the MAP phase ended with to the SWAG lr (0 = constant)")
     every: str = _f("25", "collect a snapshot every N optimiser steps, or at each epoch end ('epoch')")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
+    force_save: int = _f(-1, "early stopping of the SWAG phase as the SWAG-LoRA code's force_save: keep the SWAG moments of the collection epoch whose SWA mean has the lowest validation NLL so far, and those of collection epoch force_save+1 (0-based, as theirs) when its mean is not better; -1 = off (keep every snapshot)")
     scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
-    samples: int = _f(4, "posterior samples S per prediction (BMA)")
-    members: int = _f(2, "MultiSWAG / deep-ensemble members (independent seeds)", flag="--members")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.anneal_epochs < 0:
@@ -157,10 +156,9 @@ class SWAGConfig:
             raise ConfigError(f"swag.every must be 'epoch' or a positive integer, got {self.every!r}")
         if self.max_rank < 0:
             raise ConfigError(f"swag.max_rank must be >= 0, got {self.max_rank}")
+        if self.force_save < -1:
+            raise ConfigError(f"swag.force_save must be -1 (off) or an epoch of the SWAG phase >= 0, got {self.force_save}")
         self.scale_setting  # noqa: B018 - validates
-        if self.samples < 1 or self.members < 1:
-            raise ConfigError("swag.samples and swag.members must be >= 1")
-
 
     @property
     def scale_setting(self) -> float | str | None:
@@ -174,6 +172,23 @@ class SWAGConfig:
         if not 0 <= value < float("inf"):
             raise ConfigError(f"swag.scale must be a finite number >= 0, got {value}")
         return value
+
+
+@dataclass
+class PosteriorConfig:
+    """Settings every posterior method shares."""
+
+    samples: int = _f(4, "posterior samples S per member and prediction (BMA)", flag=("--samples", "--swag-samples"))
+    members: int = _f(2, "members trained with independent seeds (MultiSWAG, deep ensembles)", flag="--members")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.members < 1:
+            raise ConfigError("posterior.samples and posterior.members must be >= 1")
+
+    @property
+    def member_indices(self) -> list[int]:
+        """The members a run trains and evaluates: 0 .. members-1."""
+        return list(range(self.members))
 
 
 @dataclass
@@ -218,8 +233,9 @@ class EvalConfig:
     shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group or subject>, files; blob = BLoB's protocol: arc_challenge,arc_easy,mmlu:college_chemistry,mmlu:college_physics)", flag=("--shift", "--eval"))
     limit: int = _f(150, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
-    methods: str = _f("map,swa,swag-diag,swag,multiswag,ensemble", "methods in the results table, or 'all'", flag="--methods")
+    methods: str = _f("default", "comma-separated table rows, 'default' (MAP and the SWAG family with its ensemble baseline: `swaglora methods` marks them) or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")
+    validation_only: bool = _f(False, "evaluate the rows on the validation split only, no test or shift set (for tuning and protocol studies: nothing is learnt about the test split)", flag="--validation-only")
     allow_tuning_split: bool = _f(False, "allow --split to name a split the run trains or validates on (its numbers are then optimistic)", flag="--allow-tuning-split")
 
     def __post_init__(self) -> None:
@@ -238,6 +254,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     swag: SWAGConfig = field(default_factory=SWAGConfig)
+    posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     blob: BLoBConfig = field(default_factory=BLoBConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -245,63 +262,8 @@ class RunConfig:
 
 SECTIONS = {f.name: f.type for f in fields(RunConfig)}
 
-#: Named bundles of overrides. ``paper`` is the protocol of Onal et al. (2024) for a 7B model on a GPU, as the
-#: authors' code runs it (github.com/fortuinlab/swag-lora; README.md's training command, conf/config.yaml,
-#: conf/method/swag.yaml, conf/model/llama_7b_hf.yaml, scripts/train.bash, scripts/evaluate_(multi)swag.bash,
-#: train.py). Not reproduced: their force_save early stopping of the SWAG phase (swag.yaml force_save: the SWAG
-#: moments of the epoch with the lowest SWA-mean validation loss, or of epoch swag_start + 5, are kept).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        # utils/peft_utils.py trim_head_for_mcqa: the LM head trimmed to the answer letters, read at the last token
-        "model.scoring": "letter",
-        "model.train_head": True,  # llama_7b_hf.yaml modules_to_save: ["classifier"] (the trimmed head, fully trained)
-        "lora.targets": "q_proj,v_proj",  # llama_7b_hf.yaml target_modules: ["v_proj", "q_proj"]
-        "lora.layers": "all",  # peft LoraConfig over every layer
-        "lora.r": 8, "lora.alpha": 16.0, "lora.dropout": 0.1,  # config.yaml lora_r, lora_alpha, lora_dropout
-        "train.lr": 6e-4,  # README.md: experiment.learning_rate=6e-4
-        "train.batch_size": 16,  # README.md experiment.batch_size=16; scripts/train.bash BSZ=16
-        "train.weight_decay": 0.0,  # config.yaml weight_decay: 0 (AdamW, train.py)
-        "train.warmup": 0.06,  # config.yaml warmup_length: 0.06 of num_epochs * batches (train.py get_lr_scheduler)
-        # config.yaml scheduler: 'linear' = transformers' get_linear_schedule_with_warmup over all num_epochs,
-        # stepped only before swag_start (train.py train_swag)
-        "train.schedule": "linear",
-        "train.epochs": 8,  # README.md method.swag_start=8 (swag.yaml swag_start: 8)
-        "swag.epochs": 10,  # README.md experiment.num_epochs=18 minus swag_start=8
-        "swag.lr": 6e-5,  # scripts/train.bash SWAG_LR = LR / SWAG_DIV_FACTOR (10); README.md's example uses 1e-4
-        "swag.anneal_epochs": 5,  # README.md method.swag_anneal_epochs=5; swag.yaml swag_anneal_strategy 'linear' (SWALR)
-        "swag.every": "epoch",  # swag.yaml swag_c_epochs: 1 (collect at each epoch end)
-        "swag.max_rank": 5,  # swag.yaml swag_max_num_models: 5
-        "swag.samples": 15,  # scripts/evaluate_swag.bash NUM_SAMPLES=15
-        "swag.scale": "1.0",  # scripts/evaluate_swag.bash and evaluate_multiswag.bash SWAG_SAMPLE_SCALE=1.0
-        "swag.members": 5,  # scripts/evaluate_multiswag.bash: 5 trained runs
-        "data.val_fraction": 0.2,  # config.yaml val_split_size: 0.2 (a split of train where there is no validation)
-        "data.train_limit": 0,
-        "data.val_limit": 0,
-        "eval.limit": 0,
-    },
-    # BLoB (Wang et al. 2024) as its authors run it on Llama-2-7B: github.com/Wang-ML-Lab/bayesian-peft,
-    # scripts/blob/blob-llama-all.sh with utils/args.py, models/causallm.py and modelwrappers/blob.py. Not reproduced:
-    # their step budget (--max-train-steps 5000: set --epochs to about 5000 * 8 / N for N training examples), the
-    # LoRA on lm_head (--apply-classhead-lora; here the letter head is trained), AdamW eps 1e-6 (torch's 1e-8 here),
-    # training without validation (here the best validation epoch is kept, as for every member).
-    "blob-paper": {
-        "model.scoring": "letter",  # dataset-type mcdataset: the answer letters' logits at the last token
-        "model.train_head": True,
-        "model.max_length": 300,  # --max-seq-len 300
-        "lora.targets": "q_proj,v_proj", "lora.layers": "all",  # causallm.py target_modules (without lm_head)
-        "lora.r": 8, "lora.alpha": 16.0, "lora.dropout": 0.0,  # --lora-r 8 --lora-alpha 16 --lora-dropout 0
-        "train.lr": 1e-4,  # --lr 1e-4 (--opt adamw, --opt-wd default 0)
-        "train.batch_size": 8,  # --batch-size 4 on each of 2 GPUs (accelerate --num_processes=2)
-        "train.weight_decay": 0.0,
-        "train.warmup": 0.06,  # --warmup-ratio 0.06, get_linear_schedule_with_warmup: linear decay to 0
-        "blob.eps": 0.05, "blob.prior_sigma": 0.2, "blob.kl_lr": 0.01, "blob.gamma": 8.0,  # eps, beta, kllr, gamma
-        "blob.kl_reweighting": True,  # --bayes-klreweighting (with --bayes-datasetrescaling: gamma > 0)
-        "blob.samples": 10,  # --bayes-eval-n-samples-final 10
-        "data.train_limit": 0,
-        "data.val_limit": 0,
-        "eval.limit": 0,
-    },
-}
+#: keys that moved to another section: files and ``--set`` written for an older version still read
+MOVED_KEYS = {"swag.samples": "posterior.samples", "swag.members": "posterior.members"}
 
 
 def _section_class(name: str) -> type:
@@ -355,6 +317,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """Return a new config with ``{"section.key": value}`` applied; unknown keys and bad types raise."""
     data = config_to_dict(cfg)
     for key, value in overrides.items():
+        key = MOVED_KEYS.get(key, key)
         section, _, name = key.partition(".")
         if section not in data or name not in data[section]:
             raise ConfigError(f"Unknown config key {key!r}. Valid keys: {', '.join(_valid_keys())}")
@@ -366,6 +329,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Build a RunConfig from nested dicts, with strict key and type checks."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    data = _moved(data)
     sections: dict[str, Any] = {}
     for section, values in data.items():
         if section not in SECTIONS:
@@ -385,6 +349,19 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
             kwargs[name] = _coerce(label, value, hints[name])
         sections[section] = cls(**kwargs)
     return RunConfig(**sections)
+
+
+def _moved(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of :data:`MOVED_KEYS` in their new sections (a key given in both places is an error)."""
+    data = {s: dict(v) if isinstance(v, dict) else v for s, v in data.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if isinstance(data.get(old_section), dict) and old_name in data[old_section]:
+            target = data.setdefault(new_section, {})
+            if not isinstance(target, dict) or new_name in target:
+                raise ConfigError(f"{old} and {new} are the same setting ({old} is its old name); give it once")
+            target[new_name] = data[old_section].pop(old_name)
+    return data
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:

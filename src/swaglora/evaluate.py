@@ -18,7 +18,7 @@ from .data import MCQExample
 from .io import atomic_write_json, read_json
 from .members import Session, add_posthoc_posterior
 from .params import trainable_parameters
-from .posterior import Ensemble, Posterior, Row, base_rows, get_method, load_posterior, row, row_names
+from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
 from .rundir import member_dirs, set_dir_name, write_eval
 from .selection import base_examples, check_eval_split, eval_data
@@ -33,10 +33,7 @@ SCALE_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 def requested_rows(cfg: RunConfig) -> list[str]:
     """zero-shot and the rows of ``--methods``, in order; an unknown name raises ValueError."""
-    wanted = row_names() if cfg.eval.methods.strip() == "all" else [r.strip() for r in cfg.eval.methods.split(",") if r.strip()]
-    rows = [base.name for base in base_rows()] + wanted
-    for name in rows:
-        row(name)  # an unknown name raises ValueError
+    rows = [base.name for base in base_rows()] + expand_rows(cfg.eval.methods)
     check_eval_split(cfg)  # every command that trains or evaluates a run asks for its rows first
     return list(dict.fromkeys(rows))
 
@@ -46,8 +43,8 @@ def row_unavailable(cfg: RunConfig, name: str) -> str | None:
     spec = row(name)
     if cfg.swag.epochs == 0 and get_method(spec.method).trajectory:
         return "needs SWAG epochs (--swag-epochs is 0)"
-    if cfg.swag.members < 2 and spec.all_members:
-        return f"needs --members 2 or more (--members is {cfg.swag.members})"
+    if cfg.posterior.members < 2 and spec.all_members:
+        return f"needs --members 2 or more (--members is {cfg.posterior.members})"
     return None
 
 
@@ -111,6 +108,7 @@ class _RowEvaluation:
         self.session, self.cfg, self.members, self.sets, self.out_dir, self.bar = session, session.cfg, members, sets, out_dir, bar
         self.seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
         self.chosen: dict[tuple, float] = {}
+        self.memo: dict[tuple, torch.Tensor] = {}  # (member, posterior, S, scale, set) -> probabilities [S, N, C]
 
     def posterior(self, index: int, spec: Row) -> Posterior:
         directory = self.members[index] / "posteriors" / spec.saved
@@ -126,6 +124,16 @@ class _RowEvaluation:
                              forward_generator=draw_generator(self.seeds[used[0]], spec.saved, set_name) if set_name else None,
                              cache=self.session.cache, batch_size=self.cfg.eval.batch_size, scale=scale,
                              linearized=spec.linearized, progress=progress)
+
+    def member_probs(self, index: int, posterior: Posterior, spec: Row, examples: list[MCQExample], n: int,
+                     scale: float | None, set_name: str) -> torch.Tensor:
+        """One member's sample probabilities, computed once per (member, posterior, S, scale, set): the ``swag`` row
+        and member 0 of ``multiswag`` (and ``map`` and member 0 of ``ensemble``) are the same draws, predicted once."""
+        draws = 1 if posterior.is_point_mass else n  # a point mass gives one draw whatever S (map and ensemble)
+        key = (index, spec.saved, draws, scale, set_name)
+        if key not in self.memo:
+            self.memo[key] = self.predict(posterior, range(index, index + 1), spec, examples, n, scale, set_name, self.bar)
+        return self.memo[key]
 
     def auto_scale(self, spec: Row, n: int) -> float:
         """``--swag-scale auto``: the scale of the grid with the lowest validation NLL (member 0, with the draws
@@ -154,8 +162,12 @@ class _RowEvaluation:
         start = time.perf_counter()
         parts = [self.posterior(i, spec) for i in used]
         posterior = Ensemble(parts) if spec.all_members else parts[0]
-        probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
-                 for set_name, _, examples in self.sets}
+        if posterior.stochastic_forward or spec.linearized:  # in-forward randomness: one generator for the row
+            probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
+                     for set_name, _, examples in self.sets}
+        else:  # the mixture's draws are its members' draws in turn (Ensemble.draws), so its predictions are theirs
+            probs = {set_name: torch.cat([self.member_probs(i, parts[i], spec, examples, n, scale, set_name) for i in used])
+                     for set_name, _, examples in self.sets}
         common = {"n_members": len(used), "scale": (scale if scale is not None else parts[0].default_scale) if spec.sampled else spec.scale,
                   "seconds": time.perf_counter() - start, "seed": cfg.train.seed}
         variants = [(spec.name, probs, {})]

@@ -18,11 +18,11 @@ from ._version import __version__
 from .config import RunConfig
 from .data import MCQExample
 from .io import atomic_write_json
-from .models import LoadedModel, add_lora, decoder_parts, init_lora, load_model, model_fingerprint
+from .models import LoadedModel, add_lora, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import CONFIG_NAME, Posterior, base_rows, get_method, load_posterior, reference_row, row
 from .rundir import save_adapter
-from .scoring import HiddenCache, LetterHead, Scorer
+from .scoring import HiddenCache, Scorer
 from .selection import training_data
 from .train import fit
 
@@ -83,17 +83,6 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
                          "steps per epoch); lower --swag-max-rank or collect more often")
 
 
-@torch.no_grad()
-def reset_trainable(session: Session, seed: int) -> None:
-    """Fresh LoRA init for an ensemble member (lora_A kaiming-uniform from a seeded generator, lora_B zero,
-    letter head back to the LM-head rows)."""
-    head = decoder_parts(session.model).lm_head.weight
-    for module in session.model.modules():
-        if isinstance(module, LetterHead):
-            module.weight.copy_(head[module.token_ids])
-    init_lora(session.model, seed)
-
-
 def _needed_posteriors(rows: list[str]) -> list[str]:
     """The methods whose posteriors the rows use, trained or fitted along with each member."""
     return sorted({row(r).method for r in rows if not row(r).before_training})
@@ -119,7 +108,7 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
         if (out / "done.json").is_file():
             continue
         seed = member_seed(cfg, index)
-        reset_trainable(session, seed)
+        init_lora(session.model, seed)  # a fresh member: LoRA and the letter head at their initial values
         model = session.model
         meta = session.metadata
         resume = checkpoint.latest(out / "checkpoints")
@@ -160,6 +149,7 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
             save_adapter(model, out / "adapter")
             atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
                                                   "examples_per_second": result.examples_per_second,
+                                                  "kept_swag_epoch": result.kept_epoch,
                                                   "n_train": len(session.train), "library_version": __version__})
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
         dist.wait()
@@ -178,7 +168,7 @@ def train_own_member(session: Session, out: Path, name: str, seed: int, progress
     if (out / "posteriors" / name / CONFIG_NAME).is_file():
         return
     cfg, dist, model = session.cfg, distributed.current(), session.model
-    reset_trainable(session, seed)
+    init_lora(model, seed)  # a fresh member: LoRA and the letter head at their initial values
     posterior = get_method(name).build(model, cfg)
     hook = posterior.member_training(model, cfg, len(session.train), seed)
     checkpoints = out / f"checkpoints-{name}"

@@ -49,6 +49,12 @@ EMBEDDED_MODELS = {
 DEFAULT_SCORING = {"smollm2-135m": "cloze"}
 
 
+def resolve_scoring(cfg: ModelConfig) -> str:
+    """``--scoring`` resolved for the model: the setting, or for ``auto`` the model's default (``letter``, the
+    paper's, except where :data:`DEFAULT_SCORING` names another). The one place ``auto`` is resolved."""
+    return cfg.scoring if cfg.scoring != "auto" else DEFAULT_SCORING.get(cfg.name, "letter")
+
+
 class ModelError(RuntimeError):
     """A model that cannot be loaded or used; the message says what was tried."""
 
@@ -244,8 +250,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(resolve_device(cfg.device))
     model.eval()
-    scoring = cfg.scoring if cfg.scoring != "auto" else DEFAULT_SCORING.get(name, "letter")
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, scoring=scoring)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, scoring=resolve_scoring(cfg))
 
 
 @dataclass
@@ -313,8 +318,10 @@ def add_lora(model: nn.Module, lora: LoraSettings, seed: int) -> nn.Module:
 
 @torch.no_grad()
 def init_lora(model: nn.Module, seed: int) -> None:
-    """peft's LoRA init (lora_A kaiming-uniform, lora_B zero), drawn from a local seeded generator:
-    peft itself uses the global RNG, and library code must not seed that."""
+    """Every trainable parameter back to its initial value: peft's LoRA init (lora_A kaiming-uniform, lora_B
+    zero), drawn from a local seeded generator (peft itself uses the global RNG, and library code must not seed
+    that), and every other module that owns trainable weights (the letter head) through its ``reset_trainable()``.
+    A fresh ensemble member starts here."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -323,6 +330,10 @@ def init_lora(model: nn.Module, seed: int) -> None:
             nn.init.kaiming_uniform_(param, a=5**0.5, generator=generator)
         elif "lora_B" in name:
             param.zero_()
+    for module in model.modules():
+        reset = getattr(module, "reset_trainable", None)
+        if callable(reset):
+            reset()
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -31,7 +31,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = 
     rows = plan.rows
     prepare_run_dir(cfg, run_dir, overwrite, plan.data_sha256)
     session = open_session(cfg)
-    train_members(session, run_dir, list(range(cfg.swag.members)), rows, progress=progress)
+    train_members(session, run_dir, cfg.posterior.member_indices, rows, progress=progress)
     if not dist.is_main:  # under accelerate launch: training is data parallel, evaluation runs once
         return []
     return evaluate_run(session, [run_dir], rows, run_dir, progress=progress)

@@ -94,6 +94,11 @@ class LetterHead(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=trainable)
         self.register_buffer("initial_weight", self.weight.detach().clone(), persistent=False)
 
+    @torch.no_grad()
+    def reset_trainable(self) -> None:
+        """Back to the LM-head rows it was built from (a fresh member; see ``models.init_lora``)."""
+        self.weight.copy_(self.initial_weight)
+
     def prior_mean(self) -> dict[str, torch.Tensor]:
         """Where a Laplace prior on the head is centred: its initial value, the LM-head rows of the letters
         (fine-tuning moves the head away from them; see ``posterior/laplace.py``)."""

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .data import BLOB_SHIFT_SETS, MCQExample, limit, resolve_dataset, split_validation, task_splits
+from .data import MCQExample, limit, split_validation
+from .tasks import BLOB_SHIFT_SETS, resolve_dataset, task_splits
 
 __all__ = ["EVAL_SUBSET_SEED", "training_data", "eval_data", "base_examples", "check_eval_split"]
 
@@ -33,7 +34,10 @@ def training_data(cfg: RunConfig) -> tuple[list[MCQExample], list[MCQExample]]:
 
 
 def eval_data(cfg: RunConfig) -> list[tuple[str, str, list[MCQExample]]]:
-    """(name, role, examples) for the in-distribution test split and every shift set."""
+    """(name, role, examples) for the in-distribution test split and every shift set (none with
+    ``eval.validation_only``)."""
+    if cfg.eval.validation_only:
+        return []
     lim = cfg.eval.limit or None
     seed = EVAL_SUBSET_SEED
     sets = []

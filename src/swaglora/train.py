@@ -4,18 +4,7 @@ The loop owns the optimiser and the schedule; posterior methods only see
 ``collect(model)`` calls (like ``torch.optim.swa_utils.AveragedModel.update_parameters``),
 so anyone can use them from their own loop instead.
 
-Schedule (per optimiser step):
-  * MAP phase (``train.epochs``), ``train.schedule=auto``: linear warm-up over ``train.warmup`` of the
-    phase, then linear decay to 0 when no collection follows, or constant ``train.lr`` when it does
-    (like SWA, which holds a high learning rate before averaging);
-    ``train.schedule=linear`` (the SWAG-LoRA code: transformers' ``get_linear_schedule_with_warmup``
-    over all epochs, stepped only before SWAG starts): warm-up over ``train.warmup`` and linear decay
-    to 0 over the MAP *and* SWAG steps, cut off where the SWAG phase starts (step s uses (s+1)/W of
-    the peak in warm-up, transformers' s/W: the peak comes one step earlier);
-  * collection phase (``swag.epochs``): linear anneal from the lr the MAP schedule reached at its end
-    to ``swag.lr`` over ``swag.anneal_epochs`` epochs (as ``torch.optim.swa_utils.SWALR``: its first
-    step keeps that lr), then constant ``swag.lr``; a snapshot is collected every ``swag.every``
-    steps or at each epoch end.
+The learning rate of every step is :func:`swaglora.schedule.lr_at`.
 The MAP phase ends by reloading the best-validation-NLL epoch, as in the paper.
 
 Checkpoints (``checkpoint_dir``): at each epoch end and every ``train.checkpoint_every`` steps the loop
@@ -49,8 +38,9 @@ from . import checkpoint, distributed, metrics
 from .config import RunConfig
 from .data import MCQExample
 from .io import atomic_write_text
-from .params import trainable_parameters
+from .params import trainable_parameters, use_params
 from .predict import predict_logits
+from .schedule import lr_at
 from .scoring import HiddenCache, Scorer
 
 __all__ = ["TrainResult", "fit", "lr_at", "evaluate_point"]
@@ -62,31 +52,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     examples_per_second: float = 0.0
-
-
-def lr_at(step: int, steps_per_epoch: int, cfg: RunConfig) -> float:
-    """Learning rate of optimiser step ``step`` (0-based) under the schedule described in the module docstring."""
-    map_steps = cfg.train.epochs * steps_per_epoch
-    swag_steps = cfg.swag.epochs * steps_per_epoch
-    horizon = map_steps + (swag_steps if cfg.train.schedule == "linear" else 0)
-    warmup = max(1, math.ceil(cfg.train.warmup * horizon)) if cfg.train.warmup > 0 else 0
-    base = cfg.train.lr
-
-    def map_lr(s: int) -> float:
-        if s < warmup:
-            return base * (s + 1) / warmup
-        if cfg.swag.epochs > 0 and cfg.train.schedule == "auto":
-            return base
-        return base * max(0.0, (horizon - s) / max(1, horizon - warmup))
-
-    if step < map_steps:
-        return map_lr(step)
-    start = map_lr(map_steps) if map_steps else base  # where the MAP schedule stopped
-    anneal = cfg.swag.anneal_epochs * steps_per_epoch
-    into = step - map_steps
-    if into < anneal:
-        return start + into / anneal * (cfg.swag.lr - start)
-    return cfg.swag.lr
+    kept_epoch: int | None = None  # swag.force_save: the (1-based) epoch whose collector states were kept
 
 
 #: Examples are shuffled, then sorted by length within pools of this many batches: random batches of
@@ -212,6 +178,11 @@ class _Loop:
         # the position and running totals: exactly what a checkpoint must carry besides tensors
         self.epoch, self.batch, self.step, self.seen, self.running, self.seconds = 0, 0, 0, 0, 0.0, 0.0
         self.best_nll, self.map_done = math.inf, False
+        # swag.force_save: the collectors' states at the kept epoch, and the SWA mean's best validation NLL
+        self.kept: list[dict[str, torch.Tensor]] | None = None
+        self.best_swa_nll = math.inf
+        if cfg.swag.force_save >= 0 and self.collectors and not callable(getattr(self.collectors[0], "mean_params", None)):
+            raise ValueError(f"swag.force_save needs a collector with an SWA mean (mean_params), not {type(self.collectors[0]).__name__}")
 
     # ------------------------------------------------------------------ checkpoints
     def _identity(self) -> dict:
@@ -235,9 +206,12 @@ class _Loop:
         tensors["rng/torch"] = torch.random.get_rng_state()  # dropout masks
         for j, p in enumerate(self.collectors):
             tensors.update({f"collector/{j}/{k}": v for k, v in p.state_dict().items()})
+        for j, state in enumerate(self.kept or []):
+            tensors.update({f"kept/{j}/{k}": v for k, v in state.items()})
         meta = {**self._identity(), "epoch": self.epoch, "batch": self.batch, "seen": self.seen, "running": self.running,
                 "seconds": time.perf_counter() - self.start, "best_nll": None if math.isinf(self.best_nll) else self.best_nll,
-                "map_done": self.map_done, "optimizer": optim_meta,
+                "map_done": self.map_done, "optimizer": optim_meta, "kept_epoch": self.result.kept_epoch,
+                "best_swa_nll": None if math.isinf(self.best_swa_nll) else self.best_swa_nll,
                 # as JSON lines: the checkpoint's own JSON is key-sorted, the log keeps the records' order
                 "history": [json.dumps(r) for r in self.result.history]}
         return checkpoint.save(self.checkpoint_dir, self.step, tensors, meta)
@@ -260,6 +234,10 @@ class _Loop:
         self.epoch, self.batch, self.step, self.seen = meta["epoch"], meta["batch"], ckpt.step, meta["seen"]
         self.running, self.seconds, self.map_done = meta["running"], meta["seconds"], meta["map_done"]
         self.best_nll = math.inf if meta["best_nll"] is None else meta["best_nll"]
+        self.best_swa_nll = math.inf if meta.get("best_swa_nll") is None else meta["best_swa_nll"]
+        self.result.kept_epoch = meta.get("kept_epoch")
+        if self.result.kept_epoch is not None:
+            self.kept = [_clone(ckpt.group(f"kept/{j}")) for j in range(len(self.collectors))]
         if self.log_path is not None and self.dist.is_main:  # drop records logged after the checkpoint
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.result.history))
 
@@ -329,6 +307,9 @@ class _Loop:
                 self._stop(path)
         if cfg.train.epochs == 0 and self.on_map_done is not None and not self.map_done:
             self.on_map_done(model)
+        if self.kept is not None:  # swag.force_save: the moments of the kept epoch, not the last one
+            for p, state in zip(self.collectors, self.kept):
+                p.load_state_dict(state)
         self.result.seconds = time.perf_counter() - self.start
         self.result.examples_per_second = self.seen / max(self.result.seconds, 1e-9)
         return self.result
@@ -354,16 +335,31 @@ class _Loop:
         loss_value, stops = dist.sum([loss_value, float(self.interrupt.requested)])
         return loss_value, stops > 0
 
+    def _early_stop(self, collection_epoch: int) -> dict:
+        """``swag.force_save``: score the SWA mean on validation and keep the collectors' states when the rule says so."""
+        if self.collectors[0].n_collected == 0:
+            return {}
+        with use_params(self.scorer.model, self.collectors[0].mean_params()):
+            nll = evaluate_point(self.scorer, self.cache, self.validation, self.cfg.eval.batch_size)["nll"]
+        choice = _swa_choice(nll, self.best_swa_nll, collection_epoch, self.cfg.swag.force_save)
+        if choice is not None:
+            self.kept = [_clone(p.state_dict()) for p in self.collectors]
+            self.result.kept_epoch = self.epoch + 1
+            self.best_swa_nll = min(nll, self.best_swa_nll)
+        return {"val_swa_nll": nll, "swag_kept": choice}
+
     def _end_epoch(self, epoch: int, collecting: bool, every: int | None, n_batches: int) -> None:
         cfg, model = self.cfg, self.scorer.model
         model.eval()
         if collecting and every is None and self.dist.is_main:
             for posterior in self.collectors:
                 posterior.collect(model)
-        record = {"epoch": epoch + 1, "phase": "swag" if collecting else "map", "train_loss": self.running / n_batches,
+        record = {"epoch": epoch + 1, "phase": "collect" if collecting else "fit", "train_loss": self.running / n_batches,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if self.validation and self.dist.is_main:
             record.update({f"val_{k}": v for k, v in evaluate_point(self.scorer, self.cache, self.validation, cfg.eval.batch_size).items()})
+        if collecting and cfg.swag.force_save >= 0 and self.collectors and self.validation and self.dist.is_main:
+            record.update(self._early_stop(epoch - cfg.train.epochs))
         self.log(record)
         if not collecting and not self.validation:
             self.result.map_state, self.best_extra = _clone(self.params), _clone(self.extra)
@@ -379,6 +375,15 @@ class _Loop:
                 self.on_map_done(model)
             self.map_done = True
         self.epoch, self.batch, self.running = epoch + 1, 0, 0.0
+
+
+def _swa_choice(nll: float, best: float, collection_epoch: int, force_save: int) -> str | None:
+    """The SWAG-LoRA code's rule (train.py, ``force_save``) for one collection epoch (0-based): ``"best"`` when the SWA
+    mean's validation NLL improves on the best so far, else ``"forced"`` at epoch ``force_save``, else None (the
+    earlier kept state stays)."""
+    if nll < best:
+        return "best"
+    return "forced" if collection_epoch == force_save else None
 
 
 def _clone(tensors) -> dict[str, torch.Tensor]:

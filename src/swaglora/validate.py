@@ -26,7 +26,8 @@ from .evaluate import requested_rows, row_unavailable
 from .members import check_schedule
 from .posterior import base_rows, row
 from .selection import base_examples, eval_data, training_data
-from .models import DEFAULT_SCORING, EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype
+from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
+from .scoring import MAX_CHOICE_TOKENS, Scorer
 
 __all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "is_run_dir",
            "parse_seeds", "preflight", "warn"]
@@ -231,9 +232,7 @@ def _hub_reachable() -> bool:
 def _check_model(cfg: RunConfig, sets: list[tuple[str, list[MCQExample]]]) -> None:
     """LoRA targets and layers against the model's modules (built on the meta device: no weights), and every
     prompt against ``--max-length`` with the model's tokenizer; cut prompts are a counted warning."""
-    from transformers import AutoModelForCausalLM
-
-    from .scoring import MAX_CHOICE_TOKENS, Scorer
+    from transformers import AutoModelForCausalLM  # transformers takes seconds to import: only when used
 
     config, tokenizer = _inspect_model(cfg.model)
     try:
@@ -254,8 +253,7 @@ def _check_model(cfg: RunConfig, sets: list[tuple[str, list[MCQExample]]]) -> No
         if unknown or not targets:
             raise ConfigError(f"--lora-targets {cfg.lora.targets!r}: {unknown[0] if unknown else 'empty'} is not a "
                               f"module of {cfg.model.name}; its layers' linear modules: {', '.join(linear)} (or all-linear)")
-    scoring = cfg.model.scoring if cfg.model.scoring != "auto" else DEFAULT_SCORING.get(cfg.model.name, "letter")
-    scorer = Scorer(model, tokenizer, scoring, max_length=cfg.model.max_length, train_head=cfg.model.train_head)
+    scorer = Scorer(model, tokenizer, resolve_scoring(cfg.model), max_length=cfg.model.max_length, train_head=cfg.model.train_head)
     for name, examples in sets:
         try:
             encoded = scorer.encode(examples)
@@ -289,7 +287,7 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     check_device(cfg.model.device)
     resolve_dtype(cfg.model.dtype)  # a bad SWAGLORA_AUTO_DTYPE pin is one line, here
     check_out_dir(out, overwrite)
-    _check_members(members, cfg.swag.members)
+    _check_members(members, cfg.posterior.members)
     if command == "base":
         _check_model(cfg, [(cfg.data.data or cfg.data.task, base_examples(cfg))])
         return Plan([r.name for r in base_rows()], data_sha256(cfg, evaluating=False))

@@ -62,6 +62,7 @@ class Row:
     scale: float | None = None  # covariance scale override (0 = the mean)
     sampled: bool = True  # False: one draw (a point estimate)
     linearized: bool = False  # True: average through the linearised model (GLM predictive) instead of weight draws
+    default: bool = False  # True: in the table when --methods is 'default' (the SWAG comparison)
     before_training: bool = False  # True: the posterior built at a member's initial weights (the base model); in every table
     reference: bool = False  # True: the fine-tuned point estimate: post-hoc methods are fitted at its weights, and
     # the report's paired differences are taken to it
@@ -101,7 +102,7 @@ class Posterior(ABC):
     @classmethod
     def samples_for(cls, cfg: RunConfig, row: Row) -> int:
         """How many draws the BMA of ``row`` averages over."""
-        return cfg.swag.samples if row.sampled else 1
+        return cfg.posterior.samples if row.sampled else 1
 
     def __init__(self, model: nn.Module | Shapes, **hparams: Any) -> None:
         """Record names/shapes of ``model``'s trainable parameters (or take a ``{name: shape}`` map)."""

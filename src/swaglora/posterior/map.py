@@ -20,8 +20,8 @@ class MAP(Posterior):
     name = "map"
     rows = (
         Row("zero-shot", 0, "the base model before fine-tuning", sampled=False, before_training=True),
-        Row("map", 10, "LoRA fine-tuning, best validation epoch", sampled=False, reference=True),
-        Row("ensemble", 60, "deep ensemble of the members' MAP weights", all_members=True),
+        Row("map", 10, "LoRA fine-tuning, best validation epoch", sampled=False, reference=True, default=True),
+        Row("ensemble", 60, "deep ensemble of the members' MAP weights", all_members=True, default=True),
     )
 
     def __init__(self, model: nn.Module | Shapes, device: str | torch.device | None = None) -> None:

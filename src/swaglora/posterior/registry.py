@@ -13,7 +13,7 @@ from dataclasses import replace
 from swaglora.posterior.base import METHODS, Posterior, Row, UnknownMethodError, get_method
 
 __all__ = ["METHODS", "ROWS", "UnknownMethodError", "register", "method_names", "get_method", "rows", "row",
-           "row_names", "base_rows", "reference_row"]
+           "row_names", "default_rows", "expand_rows", "base_rows", "reference_row"]
 
 #: table-row name -> Row (with ``method`` filled in), in registration order; :func:`rows` sorts by ``order``
 ROWS: dict[str, Row] = {}
@@ -59,6 +59,23 @@ def row(name: str) -> Row:
         return ROWS[name]
     except KeyError:
         raise ValueError(f"Unknown method {name!r}. Available: {', '.join(row_names())}") from None
+
+
+def default_rows() -> list[Row]:
+    """The rows of ``--methods default``: those their classes mark ``default``."""
+    return [r for r in rows() if r.default]
+
+
+def expand_rows(spec: str) -> list[str]:
+    """Row names of a ``--methods`` value: ``all``, ``default`` or a comma-separated list (checked: an
+    unknown name raises ValueError naming the valid ones)."""
+    spec = spec.strip()
+    if spec in ("all", "default"):
+        return [r.name for r in (rows() if spec == "all" else default_rows())]
+    names = [r.strip() for r in spec.split(",") if r.strip()]
+    for name in names:
+        row(name)
+    return names
 
 
 def base_rows() -> list[Row]:

@@ -60,9 +60,9 @@ class SWAG(Posterior):
     default_scale = 0.5  # the paper's 1/2 (Sigma_diag + Sigma_lowrank); a rank <= 1 posterior uses SWAGDiag's
     takes_swag_scale = True
     rows = (
-        Row("swa", 20, "SWAG mean (stochastic weight averaging)", scale=0.0, sampled=False),
-        Row("swag", 40, "SWAG, diagonal + low-rank covariance"),
-        Row("multiswag", 50, "ensemble of the members' SWAG posteriors", all_members=True),
+        Row("swa", 20, "SWAG mean (stochastic weight averaging)", scale=0.0, sampled=False, default=True),
+        Row("swag", 40, "SWAG, diagonal + low-rank covariance", default=True),
+        Row("multiswag", 50, "ensemble of the members' SWAG posteriors", all_members=True, default=True),
     )
 
     def __init__(
@@ -165,7 +165,7 @@ class SWAGDiag(SWAG):
 
     name = "swag-diag"
     default_scale = 1.0  # SWAG-diagonal of Maddox et al. samples N(mean, diag(var)) unscaled
-    rows = (Row("swag-diag", 30, "SWAG with diagonal covariance"),)
+    rows = (Row("swag-diag", 30, "SWAG with diagonal covariance", default=True),)
 
     def __init__(
         self,

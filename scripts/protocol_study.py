@@ -1,0 +1,241 @@
+"""The protocol study (issue 13): which SWAG protocol gives the best-calibrated answers on the embedded model,
+chosen on the validation split only, then confirmed with 3 seeds and tested once.
+
+Stages (each skips the runs that are already done, so an interrupted study continues where it stopped):
+
+1. ``screen``: one seed, one factor at a time around the base protocol. A *training* factor (SWAG learning rate,
+   snapshot schedule, rank K, SWAG epochs, LoRA placement, early stopping, members) trains one run per value; an
+   *evaluation* factor (samples S, covariance scale) re-evaluates the base run. Every run is scored with
+   ``swaglora evaluate --validation-only``: the test split is never loaded.
+2. ``confirm``: the base protocol and the protocol made of each factor's best value (by the validation NLL of the
+   factor's row: ``swag``, or ``multiswag`` for members), with ``--seeds`` (3 by default), again on validation only.
+3. ``test``: the chosen protocol (the better of the two by mean validation NLL over seeds), evaluated once on the
+   full test and shift splits.
+4. ``report``: ``docs/protocol-study.md`` (one table and one plot per factor, the stage times, the choice, the test
+   results) and ``study.json`` in the output directory.
+
+One command re-runs everything: ``make study`` (= ``python scripts/protocol_study.py --out runs/study``).
+``--grid tiny`` with ``--model DIR --data FILE --test-data FILE`` is the small grid the tests run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from swaglora.cli import main as swaglora
+from swaglora.io import atomic_write_json, atomic_write_text
+
+LR = 1e-3  # the base protocol's MAP learning rate (the product default)
+
+#: factor -> (row whose validation NLL scores it, kind, [(label, CLI flags)]). The first value of every factor is
+#: the base protocol's (no flags: the product defaults plus the study's base flags), so its run is shared.
+FACTORS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
+    "swag_lr": ("swag", "train", [("lr (1e-3)", []), ("lr/3", ["--swag-lr", str(LR / 3)]), ("lr/10", ["--swag-lr", str(LR / 10)])]),
+    "snapshots": ("swag", "train", [("every 25 steps", []), ("per epoch", ["--swag-every", "epoch"])]),
+    "rank": ("swag", "train", [("K=5", []), ("K=10", ["--swag-max-rank", "10"]), ("K=20", ["--swag-max-rank", "20"])]),
+    "swag_epochs": ("swag", "train", [("3", []), ("6", ["--swag-epochs", "6"])]),
+    "placement": ("swag", "train", [("top 2, all linear", []),
+                                    ("top 8, all linear", ["--lora-layers", "top:8"]),
+                                    ("all, q_proj+v_proj", ["--lora-layers", "all", "--lora-targets", "q_proj,v_proj"])]),
+    "early_stop": ("swag", "train", [("off", []), ("force_save 1", ["--swag-force-save", "1"])]),
+    # a MultiSWAG of one member is SWAG: the base run's swag row scores "1"
+    "members": ("multiswag", "train", [("1", []), ("2", ["--members", "2"]), ("5", ["--members", "5"])]),
+    "samples": ("swag", "eval", [("S=4", []), ("S=15", ["--samples", "15"]), ("S=30", ["--samples", "30"])]),
+    "scale": ("swag", "eval", [("0.5 (swag's default)", []), ("1", ["--swag-scale", "1"]), ("2", ["--swag-scale", "2"]),
+                               ("4", ["--swag-scale", "4"])]),
+}
+
+#: the tests' grid: two training factors and one evaluation factor, two values each
+TINY = {name: (row, kind, values[:2]) for name, (row, kind, values) in FACTORS.items()
+        if name in ("swag_lr", "snapshots", "scale")}
+
+
+def _flags(values: list[tuple[str, list[str]]], label: str) -> list[str]:
+    return next(f for lab, f in values if lab == label)
+
+
+class Study:
+    def __init__(self, out: Path, base: list[str], factors: dict, seeds: list[int]) -> None:
+        self.out, self.base, self.factors, self.seeds = out, base, factors, seeds
+        self.state_path = out / "study.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"runs": {}, "stages": {}}
+
+    def _save(self) -> None:
+        atomic_write_json(self.state_path, self.state)
+
+    def _train_flags(self, choice: dict[str, str]) -> list[str]:
+        """The base flags plus the flags of each training factor's chosen value (none for base values)."""
+        return list(self.base) + [f for name, label in choice.items() if self.factors[name][1] == "train"
+                                  for f in _flags(self.factors[name][2], label)]
+
+    def _eval_flags(self, choice: dict[str, str]) -> list[str]:
+        return [f for name, label in choice.items() if self.factors[name][1] == "eval" for f in _flags(self.factors[name][2], label)]
+
+    def run(self, key: str, train_flags: list[str], eval_flags: list[str], seed: int, validation_only: bool = True) -> dict:
+        """Train (once per training setting and seed) and evaluate; returns the rows' validation (or test) metrics."""
+        if key in self.state["runs"]:
+            return self.state["runs"][key]
+        train_dir = self.out / "runs" / f"{_slug(train_flags)}-seed{seed}"
+        start = time.perf_counter()
+        if not (train_dir / "swaglora_run.json").is_file() or not all((train_dir / "members").glob("*/done.json")):
+            code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *train_flags, "--quiet"])
+            if code:
+                raise SystemExit(f"training {train_dir} failed ({code})")
+        trained = time.perf_counter() - start
+        eval_dir = self.out / "eval" / key
+        code = swaglora(["evaluate", "--run", str(train_dir), "--out", str(eval_dir), *eval_flags, "--quiet",
+                         *(["--validation-only"] if validation_only else [])])
+        if code:
+            raise SystemExit(f"evaluating {train_dir} into {eval_dir} failed ({code})")
+        results = json.loads((eval_dir / "results.json").read_text())
+        metrics: dict[str, dict] = {}  # set -> row -> metric -> value (one seed: the mean is the value)
+        for method, sets in results["metrics"].items():
+            for eval_set, values in sets.items():
+                metrics.setdefault(eval_set, {})[method] = {k: values[k]["mean"] for k in ("accuracy", "ece", "nll", "brier")}
+        record = {"train_dir": str(train_dir), "eval_dir": str(eval_dir), "seed": seed, "metrics": metrics,
+                  "seconds": time.perf_counter() - start, "train_seconds": trained}
+        self.state["runs"][key] = record
+        self._save()
+        return record
+
+    def screen(self) -> dict[str, str]:
+        """One seed, one factor at a time: each factor's best value by its row's validation NLL."""
+        start = time.perf_counter()
+        base = {name: values[0][0] for name, (_, _, values) in self.factors.items()}
+        best = {}
+        for name, (row, _, values) in self.factors.items():
+            scores = {}
+            for label, _ in values:
+                choice = {**base, name: label}
+                record = self.run(f"screen/{name}/{_slug([label])}", self._train_flags(choice), self._eval_flags(choice),
+                                  self.seeds[0])
+                scores[label] = _score(record, row)
+            best[name] = min(scores, key=scores.get)
+        self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "base": base}
+        self._save()
+        return best
+
+    def confirm(self) -> dict[str, str]:
+        """The base protocol and the screen's combination with every seed; the lower mean validation NLL wins."""
+        start = time.perf_counter()
+        stage = self.state["stages"]["screen"]
+        candidates = {"base": stage["base"], "screened": stage["best"]}
+        means = {}
+        for name, choice in candidates.items():
+            nlls = [_score(self.run(f"confirm/{name}/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed),
+                           "swag") for seed in self.seeds]
+            means[name] = sum(nlls) / len(nlls)
+        chosen = min(means, key=means.get)
+        self.state["stages"]["confirm"] = {"seconds": time.perf_counter() - start, "mean_validation_nll": means,
+                                           "chosen": chosen, "choice": candidates[chosen]}
+        self._save()
+        return candidates[chosen]
+
+    def test(self) -> None:
+        """The chosen protocol on the test and shift splits, once per seed."""
+        start = time.perf_counter()
+        choice = self.state["stages"]["confirm"]["choice"]
+        for seed in self.seeds:
+            self.run(f"test/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed, validation_only=False)
+        self.state["stages"]["test"] = {"seconds": time.perf_counter() - start}
+        self._save()
+
+
+def _score(record: dict, row: str) -> float:
+    """The validation NLL of ``row`` (``multiswag`` of one member is the ``swag`` row)."""
+    validation = record["metrics"]["validation"]
+    return validation[row if row in validation else "swag"]["nll"]
+
+
+def _slug(flags: list[str]) -> str:
+    """A directory name for a flag list: readable, and a hash of the whole list (so long lists never collide)."""
+    text = "_".join(f.lstrip("-") for f in flags[-4:]) or "base"
+    readable = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:60]
+    return f"{readable}-{hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:10]}"
+
+
+def write_report(study: Study, path: Path) -> Path:
+    """``path`` (markdown) and one figure per factor next to it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    state, runs = study.state, study.state["runs"]
+    figures = path.parent / "protocol-study"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# Protocol study", "", f"Base flags: `{' '.join(study.base)}`; seeds {study.seeds}. Every choice below is "
+             "made on the validation split; the test split is used once, in the last table.", ""]
+    screen = state["stages"].get("screen", {})
+    for name, (row, kind, values) in study.factors.items():
+        rows = [(label, runs.get(f"screen/{name}/{_slug([label])}")) for label, _ in values]
+        rows = [(label, r) for label, r in rows if r is not None]
+        if not rows:
+            continue
+        lines += [f"## {name} ({kind} factor, scored by the `{row}` row)", "",
+                  "| value | val NLL | val ECE | val ACC | MAP val NLL | seconds |", "|---|---:|---:|---:|---:|---:|"]
+        for label, r in rows:
+            v = r["metrics"]["validation"]
+            shown = row if row in v else "swag"
+            mark = " **(chosen)**" if screen.get("best", {}).get(name) == label else ""
+            lines.append(f"| {label}{mark} | {v[shown]['nll']:.4f} | {v[shown]['ece']:.4f} | {v[shown]['accuracy']:.4f} | "
+                         f"{v['map']['nll']:.4f} | {r['seconds']:.0f} |")
+        lines += ["", f"![{name}](protocol-study/{name}.png)", ""]
+        fig = Figure(figsize=(4, 3))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot(range(len(rows)), [_score(r, row) for _, r in rows], "o-", label=row)
+        ax.plot(range(len(rows)), [r["metrics"]["validation"]["map"]["nll"] for _, r in rows], "s--", label="map")
+        ax.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20, fontsize=7)
+        ax.set_ylabel("validation NLL")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(figures / f"{name}.png", dpi=100)
+    confirm = state["stages"].get("confirm")
+    if confirm:
+        lines += ["## Confirmation", "", "| protocol | mean validation NLL (swag) |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in confirm["mean_validation_nll"].items()]
+        lines += ["", f"Chosen: **{confirm['chosen']}**: `{json.dumps(confirm['choice'])}`", ""]
+    tests = [runs[k] for k in sorted(runs) if k.startswith("test/")]
+    if tests:
+        sets = sorted({s for r in tests for s in r["metrics"] if s != "validation"})
+        lines += ["## Test results of the chosen protocol", "", "| seed | set | method | ACC | ECE | NLL |", "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {r['seed']} | {s} | {m} | {v['accuracy']:.4f} | {v['ece']:.4f} | {v['nll']:.4f} |"
+                  for r in tests for s in sets for m, v in r["metrics"].get(s, {}).items()]
+        lines.append("")
+    times = {k: v.get("seconds") for k, v in state["stages"].items()}
+    lines += ["## Time per stage", "", "| stage | minutes |", "|---|---:|"]
+    lines += [f"| {k} | {v / 60:.1f} |" for k, v in times.items() if v is not None]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/study", help="study directory (resumable)")
+    parser.add_argument("--stage", default="all", choices=["screen", "confirm", "test", "report", "all"])
+    parser.add_argument("--seeds", default="0,1,2", help="confirm/test seeds; the screen uses the first")
+    parser.add_argument("--grid", default="full", choices=["full", "tiny"])
+    parser.add_argument("--report", default="docs/protocol-study.md")
+    args, base = parser.parse_known_args(argv)
+    if not base:  # the study's protocol: full ARC-Easy train (2,251) and validation (570) splits
+        base = ["--task", "arc_easy", "--train-limit", "0", "--val-limit", "0", "--eval-limit", "0", "--members", "1",
+                "--methods", "map,swag,multiswag"]
+    study = Study(Path(args.out), base, TINY if args.grid == "tiny" else FACTORS, [int(s) for s in args.seeds.split(",")])
+    stages = ["screen", "confirm", "test", "report"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        start = time.perf_counter()
+        if stage == "report":
+            print(f"report: {write_report(study, Path(args.report))}")
+        else:
+            getattr(study, stage)()
+        print(f"stage {stage}: {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""scripts/protocol_study.py on the tiny model with the tiny grid: choices on validation only, by the lowest
+validation NLL (read here from the evaluation files), resumable, and a report with a table and a figure per factor."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_examples, write_jsonl
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "protocol_study.py"
+
+
+@pytest.fixture(scope="module")
+def study_module():
+    spec = importlib.util.spec_from_file_location("protocol_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nll(eval_dir: Path, row: str, eval_set: str = "validation") -> float:
+    return json.loads((eval_dir / "eval" / eval_set / row / "metrics.json").read_text())["nll"]
+
+
+def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_dir, study_module):
+    train = write_jsonl(tmp_path / "train.jsonl", make_examples(32, 0, "tr"))
+    test = write_jsonl(tmp_path / "test.jsonl", make_examples(12, 1, "te"))
+    base = ["--model", str(tiny_model_dir), "--scoring", "cloze", "--data", str(train), "--test-data", str(test),
+            "--shift", "", "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--swag-max-rank", "2",
+            "--batch-size", "8", "--lora-r", "2", "--members", "1", "--samples", "2", "--methods", "map,swag",
+            "--dtype", "float32"]
+    out, report = tmp_path / "study", tmp_path / "docs" / "protocol-study.md"
+    assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
+    state = json.loads((out / "study.json").read_text())
+    runs = state["runs"]
+    # screen: every factor's choice is the value whose swag row has the lowest validation NLL in its own files
+    for name, (row, _, values) in study_module.TINY.items():
+        nll = {label: _nll(Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]), row) for label, _ in values}
+        assert state["stages"]["screen"]["best"][name] == min(nll, key=nll.get)
+        for label, _ in values:  # validation only: the test split was never scored in the screen
+            sets = {p.name for p in (Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]) / "eval").iterdir() if p.is_dir()}
+            assert sets == {"validation"}
+    # the base value of every factor shares one training run
+    base_runs = {runs[f"screen/{name}/{study_module._slug([values[0][0]])}"]["train_dir"] for name, (_, _, values) in study_module.TINY.items()}
+    assert len(base_runs) == 1
+    # confirm: the protocol with the lower mean validation NLL over both seeds
+    confirm = state["stages"]["confirm"]
+    for name, mean in confirm["mean_validation_nll"].items():
+        assert mean == pytest.approx(sum(_nll(Path(runs[f"confirm/{name}/seed{s}"]["eval_dir"]), "swag") for s in (0, 1)) / 2)
+    assert confirm["chosen"] == min(confirm["mean_validation_nll"], key=confirm["mean_validation_nll"].get)
+    # test: once per seed, on the test split
+    assert all((Path(runs[f"test/seed{s}"]["eval_dir"]) / "eval" / "test" / "swag" / "metrics.json").is_file() for s in (0, 1))
+    text = report.read_text()
+    for name in study_module.TINY:
+        assert f"## {name}" in text and (report.parent / "protocol-study" / f"{name}.png").is_file()
+    assert "Test results of the chosen protocol" in text and "Time per stage" in text
+    # resumable: a second call reuses every finished run (nothing is trained or evaluated again)
+    stamps = {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()}
+    assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
+    assert {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()} == stamps
