@@ -93,3 +93,24 @@ def test_force_save_off_keeps_every_snapshot(tmp_path, run_args):
     log = [json.loads(line) for line in (run / "members" / "0" / "train_log.jsonl").read_text().splitlines()]
     assert all("val_swa_nll" not in r for r in log)
     assert load_posterior(run / "members" / "0" / "posteriors" / "swag").n_collected == 3
+
+
+def test_compute_matched_map_trains_as_long_as_map_plus_swag_and_keeps_its_best_epoch(tmp_path, run_args):
+    from swaglora.posterior import get_method
+    from swaglora.rundir import load_run_config
+    from swaglora.schedule import lr_at
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *run_args, "--epochs", "1", "--swag-epochs", "2", "--swag-every", "epoch",
+                 "--swag-max-rank", "1", "--lr", "0.05", "--methods", "map,map-matched,swag"]) == 0
+    member = run / "members" / "0"
+    main_log = [json.loads(line) for line in (member / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (member / "train_log-map-matched.jsonl").read_text().splitlines()]
+    assert len(log) == len(main_log) == 3 and all(r["phase"] == "fit" for r in log)  # 1 MAP + 2 SWAG epochs
+    cfg = get_method("map-matched").member_config(load_run_config(run))
+    steps = -(-json.loads((member / "done.json").read_text())["n_train"] // 8)  # optimiser steps per epoch, batch 8
+    assert [r["lr"] for r in log] == pytest.approx([lr_at(steps * (e + 1) - 1, steps, cfg) for e in range(3)])
+    assert log[-1]["lr"] < log[0]["lr"] < 0.05  # its own schedule decays over the whole run
+    val = [r["val_nll"] for r in log]
+    assert _val_nll(run, "map-matched") == pytest.approx(min(val), abs=1e-6)
+    assert _val_nll(run, "map") == pytest.approx(main_log[0]["val_nll"], abs=1e-6)  # map: the MAP phase's epoch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +179,9 @@ def train_own_member(session: Session, out: Path, name: str, seed: int, progress
             (out / f"train_log-{name}.jsonl").unlink(missing_ok=True)
         else:
             print(f"swaglora: member {out.name} ({name}): resuming from {resume.path}", file=sys.stderr)
-    result = fit(session.scorer, session.train, session.validation, replace(cfg, swag=replace(cfg.swag, epochs=0)),
+    result = fit(session.scorer, session.train, session.validation, type(posterior).member_config(cfg),
                  cache=session.cache, log_path=out / f"train_log-{name}.jsonl", seed=seed, progress=progress,
-                 checkpoint_dir=checkpoints, resume=resume, hooks=[hook])
+                 checkpoint_dir=checkpoints, resume=resume, hooks=[hook] if hook is not None else [])
     with torch.no_grad():  # the best epoch's weights (fit has reloaded them; the hook's tensors too)
         params = trainable_parameters(model)
         for k, v in result.map_state.items():

@@ -27,6 +27,7 @@ from swaglora.posterior.dropout import MCDropout
 from swaglora.posterior.ensemble import Ensemble
 from swaglora.posterior.laplace import Laplace
 from swaglora.posterior.map import MAP
+from swaglora.posterior.matched import MatchedMAP
 from swaglora.posterior.swag import SWAG, SWAGDiag, SWAGState
 
 from swaglora.posterior.registry import (
@@ -45,7 +46,7 @@ from swaglora.posterior.registry import (
     rows,
 )
 
-for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB):
+for _cls in (MAP, MatchedMAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB):
     register(_cls)
 del _cls
 
@@ -56,6 +57,7 @@ __all__ = [
     "BLoB",
     "TENSORS_NAME",
     "MAP",
+    "MatchedMAP",
     "SWAG",
     "SWAGDiag",
     "SWAGState",

@@ -15,7 +15,7 @@ import json
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -126,6 +126,12 @@ class Posterior(ABC):
 
     def fit(self, model: nn.Module, batches: Any, loss_fn: Any) -> None:
         """Post-hoc fitting (e.g. Laplace); default: nothing."""
+
+    @classmethod
+    def member_config(cls, cfg: RunConfig) -> RunConfig:
+        """For ``trains_own_member`` methods: the settings of the member's own training (default: the run's MAP
+        phase alone, no collection phase)."""
+        return replace(cfg, swag=replace(cfg.swag, epochs=0))
 
     def member_training(self, model: nn.Module, cfg: RunConfig, n_train: int, seed: int) -> Any:
         """For ``trains_own_member`` methods: the training hook that :func:`swaglora.train.fit` installs (see its

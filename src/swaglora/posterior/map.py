@@ -20,7 +20,7 @@ class MAP(Posterior):
     name = "map"
     rows = (
         Row("zero-shot", 0, "the base model before fine-tuning", sampled=False, before_training=True),
-        Row("map", 10, "LoRA fine-tuning, best validation epoch", sampled=False, reference=True, default=True),
+        Row("map", 10, "LoRA fine-tuning, the best validation epoch of the MAP phase (SWAG's starting point)", sampled=False, reference=True, default=True),
         Row("ensemble", 60, "deep ensemble of the members' MAP weights", all_members=True, default=True),
     )
 
