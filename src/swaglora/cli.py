@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: one run per seed under OUT/seed-<k>, reported as mean ± std")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first (only a swaglora run) instead of reusing finished members")
-    p.add_argument("--abstain-risk", type=float, default=None, help="report: confidence threshold chosen on validation for this risk")
+    p.add_argument("--abstain-risk", type=float, default=None,
+                   help="choose each row's abstention threshold for this risk on validation, store it in the run (for "
+                        "predict) and report its risk and coverage on every set")
 
     p = sub.add_parser("train", help="fine-tune LoRA members and collect their posteriors into a run directory")
     _common(p)
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, all_sections)
     p.add_argument("--run", action="append", default=[], help="trained run directory (repeat to pool members of several runs)")
     p.add_argument("--out", help="where to write eval/ (default: the first --run)")
+    p.add_argument("--abstain-risk", type=float, default=None,
+                   help="choose each row's abstention threshold for this risk on validation and store it (for predict)")
 
     p = sub.add_parser("report", help="write report.md, results.csv/json and figures from run directories (several = seeds)")
     p.add_argument("runs", nargs="+", help="run directories")
@@ -244,7 +248,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if seeds and _is_main():
             validate.claim_dir(out)  # the parent of the seed runs holds their report
         for (job_cfg, run_dir), plan in zip(jobs, plans):
-            pipeline.run(job_cfg, run_dir, progress=progress, overwrite=args.overwrite, plan=plan)
+            pipeline.run(job_cfg, run_dir, progress=progress, overwrite=args.overwrite, plan=plan, abstain_risk=args.abstain_risk)
         if _is_main():
             _report([d for _, d in jobs], out, args.abstain_risk)
         return 0
@@ -269,6 +273,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     from .members import open_session
 
     runs = [Path(r) for r in args.run]
+    validate.check_abstain_risk(args.abstain_risk)
     if runs:
         cfg = resolve_config(args, base=rundir.load_run_config(runs[0]))
         out = Path(args.out) if args.out else runs[0]
@@ -276,8 +281,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         _print_choice(cfg)
         validate.claim_dir(out)
         session = open_session(cfg)
-        evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress)
-        _report([out], out)
+        evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress, abstain_risk=args.abstain_risk)
+        _report([out], out, args.abstain_risk)
         return 0
     # zero-shot evaluation of a base model on one data set
     if not args.out:
