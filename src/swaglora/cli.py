@@ -92,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: the first run's parent when several, else the run)")
     p.add_argument("--abstain-risk", type=float, default=None, help="target risk for the abstention threshold")
 
+    p = sub.add_parser("predict", help="predict new questions (answers optional) with a trained run: probabilities, "
+                                       "uncertainty and abstention, one JSON line per question")
+    p.add_argument("--run", required=True, help="trained run directory")
+    p.add_argument("--data", required=True, help="JSONL questions in the data schema, answer optional; - reads standard input")
+    p.add_argument("--out", required=True, help="JSONL predictions; - writes standard output (only JSON there)")
+    p.add_argument("--method", default=None, help="table row to predict with, or ROW+ts (default: the run's lowest validation NLL)")
+    p.add_argument("--abstain-risk", type=float, default=None,
+                   help="abstain where the confidence is below the threshold chosen on validation for this risk "
+                        "(default: the rule stored at evaluation, if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     sub.add_parser("tasks", help="list bundled tasks with split sizes")
     sub.add_parser("methods", help="list posterior methods and table rows")
     return parser
@@ -265,7 +276,47 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args, progress)
+    if args.command == "predict":
+        return _predict(args, progress)
     raise AssertionError(args.command)
+
+
+def _predict(args: argparse.Namespace, progress: bool) -> int:
+    """``swaglora predict``: everything is checked before the model loads; then :class:`predictor.Predictor`."""
+    import json
+
+    from . import validate
+    from .data import load_jsonl
+    from .io import atomic_write_text
+    from .predictor import Predictor, answered_summary, plan_prediction, rule_text
+
+    validate.check_abstain_risk(args.abstain_risk)
+    validate.check_out_file(args.out)
+    plan = plan_prediction(args.run, args.method, args.abstain_risk)
+    examples = load_jsonl(args.data, answers=False)
+    plan.check_examples(examples)
+    validate.check_questions(plan.cfg, args.data, examples)
+    for note in plan.notes:
+        print(f"swaglora: {note}", file=sys.stderr)
+    predictor = Predictor(plan, progress=progress)
+    if plan.needs_threshold:
+        print(f"swaglora: abstention: {rule_text(predictor.rule)}", file=sys.stderr)
+    predictions, probs = predictor.predict_examples(examples)
+    text = "".join(json.dumps(p.to_dict()) + "\n" for p in predictions)
+    if args.out == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(Path(args.out), text)
+    summary = answered_summary(examples, probs, predictor.rule)
+    if summary is not None:
+        line = (f"{plan.method} on the {summary['n']} questions with an answer: accuracy {summary['accuracy']:.4f}  "
+                f"ece {summary['ece']:.4f}  nll {summary['nll']:.4f}")
+        if "risk" in summary:
+            line += (f"; abstention (target risk {predictor.rule['target_risk']}): risk {summary['risk']:.4f}, "
+                     f"coverage {summary['coverage']:.4f}")
+        print(line, file=sys.stderr if args.out == "-" else sys.stdout)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
