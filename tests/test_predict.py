@@ -263,3 +263,15 @@ def test_bad_runs_methods_and_flags_fail_before_the_model_loads(run, questions, 
     shutil.rmtree(copy / "eval")
     _one_error(capsys, _predict(copy, questions, out), "has no evaluated rows")
     assert not out.exists()
+
+
+def test_an_evaluation_without_the_risk_removes_the_stale_rule(run, questions, tmp_path, capsys):
+    copy = _copy(run, tmp_path)
+    assert main(["evaluate", "--run", str(copy), "--methods", "swag", "--quiet"]) == 0
+    assert not (copy / "eval" / "validation" / "swag" / "abstention.json").exists()
+    assert (copy / "eval" / "validation" / "multiswag" / "abstention.json").exists()  # not re-evaluated: still valid
+    capsys.readouterr()
+    out = tmp_path / "out.jsonl"
+    assert _predict(copy, questions, out, "--method", "swag") == 0
+    assert "abstention" not in capsys.readouterr().err
+    assert all(r["abstain"] is False and r["threshold"] is None for r in _lines(out))  # no rule, no abstention
