@@ -532,3 +532,32 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row(0)) + "\n" + json.dumps(row(1)) + "\n").encode())
     examples = data.load_jsonl(path)
     assert [ex.id for ex in examples] == ["q0", "q1"] and examples[0].question == "Question 0?"
+
+
+# --------------------------------------------------------------------------- questions to predict
+
+def test_answer_is_optional_only_for_questions_to_predict(tmp_path):
+    unanswered = {k: v for k, v in row(1).items() if k != "answer"}
+    path = write(tmp_path, [row(0), unanswered])
+    with pytest.raises(DataError, match="data.jsonl:2: field 'answer': missing required field"):
+        data.load_jsonl(path)
+    first, second = data.load_jsonl(path, answers=False)
+    assert (first.answer, first.answer_index, second.answer) == ("B", 1, None)
+    with pytest.raises(ValueError, match="has no answer"):
+        second.answer_index
+    # everything else is validated as strictly, with file and line
+    bad = write(tmp_path, [unanswered, {**unanswered, "id": "q2", "answer": "E"}], name="bad.jsonl")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'answer': 'E' is not one of labels"):
+        data.load_jsonl(bad, answers=False)
+
+
+def test_dash_reads_standard_input(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    text = json.dumps(row(0)) + "\n\n" + '{"id": "q1", "question": \n'
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    with pytest.raises(DataError, match="<stdin>:3: malformed JSON"):
+        data.load_jsonl("-", answers=False)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((json.dumps(row(0)) + "\n").encode())))
+    assert [ex.id for ex in data.load_jsonl("-")] == ["q0"]

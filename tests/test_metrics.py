@@ -393,3 +393,10 @@ def test_paired_bootstrap_validation():
         M.paired_bootstrap({"swag": [p]}, y, reference="map")
     with pytest.raises(ValueError, match="level"):
         M.paired_bootstrap({"map": [p]}, y, level=1.5)
+
+
+def test_python_floats_keep_float64_precision():
+    """A list of Python floats (e.g. confidences read back from predictions.jsonl) is not rounded to float32."""
+    confidence = [0.3021935323874156, 0.2]
+    assert M.abstention_threshold(confidence, [True, False], 0.0) == 0.3021935323874156
+    assert M.selective_risk(confidence, [True, False], 0.3021935323874156) == (0.0, 0.5)

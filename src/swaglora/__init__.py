@@ -12,6 +12,10 @@ def __getattr__(name: str):
         from .callbacks import SWAGCallback
 
         return SWAGCallback
+    if name == "load":
+        from .predictor import load
+
+        return load
     if name == "bma":
         from .predict import bma
 
@@ -23,6 +27,7 @@ __all__ = [
     "__version__",
     "SWAGCallback",
     "bma",
+    "load",
     "Posterior",
     "MAP",
     "SWAG",

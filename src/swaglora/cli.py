@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: one run per seed under OUT/seed-<k>, reported as mean ± std")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first (only a swaglora run) instead of reusing finished members")
-    p.add_argument("--abstain-risk", type=float, default=None, help="report: confidence threshold chosen on validation for this risk")
+    p.add_argument("--abstain-risk", type=float, default=None,
+                   help="choose each row's abstention threshold for this risk on validation, store it in the run (for "
+                        "predict) and report its risk and coverage on every set")
 
     p = sub.add_parser("train", help="fine-tune LoRA members and collect their posteriors into a run directory")
     _common(p)
@@ -83,11 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, all_sections)
     p.add_argument("--run", action="append", default=[], help="trained run directory (repeat to pool members of several runs)")
     p.add_argument("--out", help="where to write eval/ (default: the first --run)")
+    p.add_argument("--abstain-risk", type=float, default=None,
+                   help="choose each row's abstention threshold for this risk on validation and store it (for predict)")
 
     p = sub.add_parser("report", help="write report.md, results.csv/json and figures from run directories (several = seeds)")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", help="report directory (default: the first run's parent when several, else the run)")
     p.add_argument("--abstain-risk", type=float, default=None, help="target risk for the abstention threshold")
+
+    p = sub.add_parser("predict", help="predict new questions (answers optional) with a trained run: probabilities, "
+                                       "uncertainty and abstention, one JSON line per question")
+    p.add_argument("--run", required=True, help="trained run directory")
+    p.add_argument("--data", required=True, help="JSONL questions in the data schema, answer optional; - reads standard input")
+    p.add_argument("--out", required=True, help="JSONL predictions; - writes standard output (only JSON there)")
+    p.add_argument("--method", default=None, help="table row to predict with, or ROW+ts (default: the run's lowest validation NLL)")
+    p.add_argument("--abstain-risk", type=float, default=None,
+                   help="abstain where the confidence is below the threshold chosen on validation for this risk "
+                        "(default: the rule stored at evaluation, if any)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("tasks", help="list bundled tasks with split sizes")
     sub.add_parser("methods", help="list posterior methods and table rows")
@@ -245,7 +260,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if seeds and _is_main():
             validate.claim_dir(out)  # the parent of the seed runs holds their report
         for (job_cfg, run_dir), plan in zip(jobs, plans):
-            pipeline.run(job_cfg, run_dir, progress=progress, overwrite=args.overwrite, plan=plan)
+            pipeline.run(job_cfg, run_dir, progress=progress, overwrite=args.overwrite, plan=plan, abstain_risk=args.abstain_risk)
         if _is_main():
             _report([d for _, d in jobs], out, args.abstain_risk)
         return 0
@@ -262,7 +277,47 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args, progress)
+    if args.command == "predict":
+        return _predict(args, progress)
     raise AssertionError(args.command)
+
+
+def _predict(args: argparse.Namespace, progress: bool) -> int:
+    """``swaglora predict``: everything is checked before the model loads; then :class:`predictor.Predictor`."""
+    import json
+
+    from . import validate
+    from .data import load_jsonl
+    from .io import atomic_write_text
+    from .predictor import Predictor, answered_summary, plan_prediction, rule_text
+
+    validate.check_abstain_risk(args.abstain_risk)
+    validate.check_out_file(args.out)
+    plan = plan_prediction(args.run, args.method, args.abstain_risk)
+    examples = load_jsonl(args.data, answers=False)
+    plan.check_examples(examples)
+    validate.check_questions(plan.cfg, args.data, examples)
+    for note in plan.notes:
+        print(f"swaglora: {note}", file=sys.stderr)
+    predictor = Predictor(plan, progress=progress)
+    if plan.needs_threshold:
+        print(f"swaglora: abstention: {rule_text(predictor.rule)}", file=sys.stderr)
+    predictions, probs = predictor.predict_examples(examples)
+    text = "".join(json.dumps(p.to_dict()) + "\n" for p in predictions)
+    if args.out == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(Path(args.out), text)
+    summary = answered_summary(examples, probs, predictor.rule)
+    if summary is not None:
+        line = (f"{plan.method} on the {summary['n']} questions with an answer: accuracy {summary['accuracy']:.4f}  "
+                f"ece {summary['ece']:.4f}  nll {summary['nll']:.4f}")
+        if "risk" in summary:
+            line += (f"; abstention (target risk {predictor.rule['target_risk']}): risk {summary['risk']:.4f}, "
+                     f"coverage {summary['coverage']:.4f}")
+        print(line, file=sys.stderr if args.out == "-" else sys.stdout)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace, progress: bool) -> int:
@@ -270,6 +325,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     from .members import open_session
 
     runs = [Path(r) for r in args.run]
+    validate.check_abstain_risk(args.abstain_risk)
     if runs:
         cfg = resolve_config(args, base=rundir.load_run_config(runs[0]))
         out = Path(args.out) if args.out else runs[0]
@@ -277,8 +333,8 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         _print_choice(cfg)
         validate.claim_dir(out)
         session = open_session(cfg)
-        evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress)
-        _report([out], out)
+        evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress, abstain_risk=args.abstain_risk)
+        _report([out], out, args.abstain_risk)
         return 0
     # zero-shot evaluation of a base model on one data set
     if not args.out:

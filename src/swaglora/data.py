@@ -2,10 +2,13 @@
 subsets and validation splits. Where examples come from (bundled tasks, MMLU groups, the hub) is
 :mod:`swaglora.tasks`.
 
-JSONL files (``.jsonl`` or ``.jsonl.gz``) are read by :func:`load_jsonl`; schema, one object a line::
+JSONL files (``.jsonl`` or ``.jsonl.gz``, or ``-`` for standard input) are read by :func:`load_jsonl`;
+schema, one object a line::
 
     {"id": "q1", "question": "...", "choices": ["...", "..."], "labels": ["A", "B"],
      "answer": "B", "subject": "optional"}
+
+(``answer`` is optional only for questions to predict: ``load_jsonl(path, answers=False)``.)
 
 Loading is all-or-nothing: any invalid line raises :class:`DataError` naming the source,
 the 1-based line number and the field.
@@ -17,12 +20,14 @@ import gzip
 import json
 import random
 import string
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALLOWED_FIELDS", "LETTERS", "REQUIRED_FIELDS", "DataError", "MCQExample", "limit", "load_jsonl", "record_to_example", "split_validation", "validated"]
+__all__ = ["ALLOWED_FIELDS", "LETTERS", "REQUIRED_FIELDS", "DataError", "MCQExample", "limit", "load_jsonl",
+           "record_to_example", "records_to_examples", "split_validation", "validated"]
 
 LETTERS = string.ascii_uppercase
 MIN_CHOICES, MAX_CHOICES = 2, len(LETTERS)
@@ -46,26 +51,29 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class MCQExample:
-    """One multiple-choice question; ``labels`` are always ``A, B, C, ...``."""
+    """One multiple-choice question; ``labels`` are always ``A, B, C, ...``; ``answer`` is None only for a
+    question to predict whose answer is unknown."""
 
     id: str
     question: str
     choices: tuple[str, ...]
     labels: tuple[str, ...]
-    answer: str
+    answer: str | None
     subject: str | None = None
     line: int | None = field(default=None, compare=False)  # 1-based line of its source file (for messages)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "choices", tuple(self.choices))
         object.__setattr__(self, "labels", tuple(self.labels))
-        if len(self.choices) != len(self.labels) or self.answer not in self.labels:
+        if len(self.choices) != len(self.labels) or (self.answer is not None and self.answer not in self.labels):
             raise ValueError(f"inconsistent MCQExample {self.id!r}: {len(self.choices)} choices, "
                              f"labels {list(self.labels)}, answer {self.answer!r}")
 
     @property
     def answer_index(self) -> int:
-        """0-based position of the correct choice."""
+        """0-based position of the correct choice (ValueError when the answer is unknown)."""
+        if self.answer is None:
+            raise ValueError(f"question {self.id!r} has no answer")
         return self.labels.index(self.answer)
 
     @property
@@ -82,8 +90,9 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def record_to_example(obj: Any, source: str, line: int) -> MCQExample:
-    """Validate one decoded record against the schema and build the example."""
+def record_to_example(obj: Any, source: str, line: int, answers: bool = True) -> MCQExample:
+    """Validate one decoded record against the schema and build the example (``answers=False``: the
+    ``answer`` field may be left out)."""
 
     def fail(message: str, field: str | None = None) -> DataError:
         return DataError(message, source=source, line=line, field=field)
@@ -94,7 +103,7 @@ def record_to_example(obj: Any, source: str, line: int) -> MCQExample:
         if key not in ALLOWED_FIELDS:
             raise fail(f"unknown field (allowed: {', '.join(ALLOWED_FIELDS)})", key)
     for key in REQUIRED_FIELDS:
-        if key not in obj:
+        if key not in obj and (answers or key != "answer"):
             raise fail("missing required field", key)
     for key, kind in (("id", "string"), ("question", "string"), ("choices", "array"),
                       ("labels", "array"), ("answer", "string"), ("subject", "string")):
@@ -103,7 +112,7 @@ def record_to_example(obj: Any, source: str, line: int) -> MCQExample:
     for key in ("id", "question", "subject"):
         if key in obj and not obj[key].strip():
             raise fail("must not be empty", key)
-    choices, labels, answer = obj["choices"], obj["labels"], obj["answer"]
+    choices, labels, answer = obj["choices"], obj["labels"], obj.get("answer")
     for key, items in (("choices", choices), ("labels", labels)):
         for i, item in enumerate(items):
             if not isinstance(item, str):
@@ -119,7 +128,7 @@ def record_to_example(obj: Any, source: str, line: int) -> MCQExample:
     if labels != list(LETTERS[: len(choices)]):
         raise fail(f"{labels} must be {list(LETTERS[: len(choices)])} (letters in order)",
                    "labels")
-    if answer not in labels:
+    if answer is not None and answer not in labels:
         raise fail(f"{answer!r} is not one of labels {labels}", "answer")
     return MCQExample(id=obj["id"], question=obj["question"], choices=tuple(choices),
                       labels=tuple(labels), answer=answer, subject=obj.get("subject"), line=line)
@@ -141,7 +150,11 @@ def validated(items: Iterable[tuple[int, MCQExample]], source: str) -> list[MCQE
 
 
 def _read_lines(path: Path, source: str) -> Iterator[tuple[int, str]]:
-    """Yield ``(1-based line, text)`` for the non-blank lines of a .jsonl(.gz) file."""
+    """Yield ``(1-based line, text)`` for the non-blank lines of a .jsonl(.gz) file, or of standard input
+    for the path ``-``."""
+    if str(path) == "-":
+        yield from _decoded(sys.stdin.buffer, source)
+        return
     if path.is_dir():
         raise DataError("is a directory; give a .jsonl or .jsonl.gz file", source=source)
     if not path.is_file():
@@ -149,23 +162,28 @@ def _read_lines(path: Path, source: str) -> Iterator[tuple[int, str]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            for line, raw in enumerate(handle, start=1):
-                try:  # a UTF-8 byte order mark at the start of the file is allowed
-                    text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"not UTF-8 text (byte {raw[exc.start]:#x} at column {exc.start + 1}); "
-                                    "save the file as UTF-8", source=source, line=line) from None
-                if text.strip():
-                    yield line, text
+            yield from _decoded(handle, source)
     except (OSError, EOFError) as exc:  # bad gzip, truncated
         raise DataError(f"cannot read file: {exc}", source=source) from exc
 
 
-def load_jsonl(path: str | Path) -> list[MCQExample]:
+def _decoded(handle: Iterable[bytes], source: str) -> Iterator[tuple[int, str]]:
+    for line, raw in enumerate(handle, start=1):
+        try:  # a UTF-8 byte order mark at the start of the file is allowed
+            text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not UTF-8 text (byte {raw[exc.start]:#x} at column {exc.start + 1}); "
+                            "save the file as UTF-8", source=source, line=line) from None
+        if text.strip():
+            yield line, text
+
+
+def load_jsonl(path: str | Path, answers: bool = True) -> list[MCQExample]:
     """Load and validate a ``.jsonl`` or ``.jsonl.gz`` file of MCQA examples.
 
     Args:
-        path: File in the schema described in the module docstring.
+        path: File in the schema described in the module docstring; ``-`` reads standard input.
+        answers: False for questions to predict: ``answer`` may then be left out (None).
 
     Returns:
         The examples in file order (blank lines skipped).
@@ -173,19 +191,22 @@ def load_jsonl(path: str | Path) -> list[MCQExample]:
     Raises:
         DataError: The file is missing, unreadable, empty, or any line is invalid.
     """
-    path = Path(path)
-    source = str(path)
+    source = "<stdin>" if str(path) == "-" else str(path)
+    return records_to_examples(_records(Path(path), source), source, answers)
 
-    def examples() -> Iterator[tuple[int, MCQExample]]:
-        for line, text in _read_lines(path, source):
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON: {exc}", source=source, line=line) from exc
-            yield line, record_to_example(record, source, line)
 
-    return validated(examples(), source)
+def _records(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    for line, text in _read_lines(path, source):
+        try:
+            yield line, json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"malformed JSON: {exc}", source=source, line=line) from exc
 
+
+def records_to_examples(records: Iterable[tuple[int, Any]], source: str, answers: bool = True) -> list[MCQExample]:
+    """Validate decoded ``(1-based line, record)`` pairs as :func:`load_jsonl` does (``answers=False``:
+    ``answer`` optional) and build the examples; errors name ``source`` and the line."""
+    return validated(((line, record_to_example(record, source, line, answers)) for line, record in records), source)
 
 
 def split_validation(train: Sequence[MCQExample], fraction: float = 0.2,

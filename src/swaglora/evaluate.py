@@ -20,11 +20,11 @@ from .members import Session, add_posthoc_posterior
 from .params import trainable_parameters
 from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
-from .rundir import member_dirs, set_dir_name, write_eval
+from .rundir import member_dirs, set_dir_name, write_abstention, write_eval
 from .selection import base_examples, check_eval_split, eval_data
 
 __all__ = ["SCALE_GRID", "requested_rows", "row_unavailable", "table_rows", "eval_sets", "draw_generator",
-           "evaluate_run", "evaluate_base"]
+           "member_posterior", "row_probs", "temperature_scale", "evaluate_run", "evaluate_base"]
 
 
 #: ``--swag-scale auto`` chooses among these covariance scales by validation NLL.
@@ -82,7 +82,28 @@ def draw_generator(member_seed: int, method: str, eval_set: str | None = None) -
     return torch.Generator().manual_seed(zlib.crc32(key.encode()))
 
 
-def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True) -> list[dict]:
+def member_posterior(session: Session, member: Path, spec: Row) -> Posterior:
+    """The saved posterior a row uses of one member (a post-hoc one is fitted first when the member lacks it),
+    checked against the session's model and metadata."""
+    directory = member / "posteriors" / spec.saved
+    if not directory.is_dir():
+        add_posthoc_posterior(session, member, spec.method)
+    return load_posterior(directory, model=session.model, expected_metadata=session.metadata)
+
+
+def row_probs(session: Session, posterior: Posterior, seeds: list[int], spec: Row, examples: list[MCQExample], n: int,
+              scale: float | None, set_name: str, progress: Any = None) -> torch.Tensor:
+    """Sample probabilities ``[S, N, C]`` of a row whose posterior is built from the members of ``seeds``: weights
+    drawn per member seed (the same for every set), in-forward randomness from the generator of ``set_name``."""
+    weights = [draw_generator(seed, spec.saved) for seed in seeds]
+    return predict_probs(session.scorer, examples, posterior, n, weights if len(weights) > 1 else weights[0],
+                         forward_generator=draw_generator(seeds[0], spec.saved, set_name),
+                         cache=session.cache, batch_size=session.cfg.eval.batch_size, scale=scale,
+                         linearized=spec.linearized, progress=progress)
+
+
+def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_dir: Path, progress: bool = True,
+                 abstain_risk: float | None = None) -> list[dict]:
     """Evaluate every table row on every evaluation set with the shared prediction path.
 
     A row's posterior is one member's saved posterior, or the equal-weight :class:`Ensemble` of every member's
@@ -90,12 +111,14 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     drawn with :func:`draw_generator` of its own seed (the same weights for every set), so the ``swag`` row and
     member 0 of ``multiswag`` are the same S draws. A row samples with its posterior's own default scale unless
     the row fixes one (``Row.scale``) or the user set ``swag.scale`` for posteriors that take it.
+    ``abstain_risk``: also choose each row's abstention threshold for this risk on the validation set and store
+    it (:func:`rundir.write_abstention`).
     """
     members = member_dirs(run_dirs)
     check_posteriors(session, members, rows)
     sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
     bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
-    evaluation = _RowEvaluation(session, members, sets, out_dir, bar)
+    evaluation = _RowEvaluation(session, members, sets, out_dir, bar, abstain_risk)
     results = [result for name in rows for result in evaluation.write_row(row(name))]
     bar.close()
     return results
@@ -104,26 +127,18 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
 class _RowEvaluation:
     """The table rows of one evaluation: posteriors of the members, the auto scale, predictions, files."""
 
-    def __init__(self, session: Session, members: list[Path], sets: list, out_dir: Path, bar: Any) -> None:
+    def __init__(self, session: Session, members: list[Path], sets: list, out_dir: Path, bar: Any,
+                 abstain_risk: float | None = None) -> None:
         self.session, self.cfg, self.members, self.sets, self.out_dir, self.bar = session, session.cfg, members, sets, out_dir, bar
+        self.abstain_risk = abstain_risk
         self.seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
         self.chosen: dict[tuple, float] = {}
         self.memo: dict[tuple, torch.Tensor] = {}  # (member, posterior, S, scale, set) -> probabilities [S, N, C]
 
-    def posterior(self, index: int, spec: Row) -> Posterior:
-        directory = self.members[index] / "posteriors" / spec.saved
-        if not directory.is_dir():
-            add_posthoc_posterior(self.session, self.members[index], spec.method)
-        return load_posterior(directory, model=self.session.model, expected_metadata=self.session.metadata)
-
     def predict(self, posterior: Posterior, used: range, spec: Row, examples: list[MCQExample], n: int,
-                scale: float | None, set_name: str | None = None, progress: Any = None) -> torch.Tensor:
-        """Sample probabilities ``[S, N, C]``: weights drawn per member seed, in-forward randomness per set."""
-        weights = [draw_generator(self.seeds[i], spec.saved) for i in used]
-        return predict_probs(self.session.scorer, examples, posterior, n, weights if len(weights) > 1 else weights[0],
-                             forward_generator=draw_generator(self.seeds[used[0]], spec.saved, set_name) if set_name else None,
-                             cache=self.session.cache, batch_size=self.cfg.eval.batch_size, scale=scale,
-                             linearized=spec.linearized, progress=progress)
+                scale: float | None, set_name: str, progress: Any = None) -> torch.Tensor:
+        return row_probs(self.session, posterior, [self.seeds[i] for i in used], spec, examples, n, scale, set_name,
+                         progress)
 
     def member_probs(self, index: int, posterior: Posterior, spec: Row, examples: list[MCQExample], n: int,
                      scale: float | None, set_name: str) -> torch.Tensor:
@@ -143,10 +158,10 @@ class _RowEvaluation:
             validation = [(set_name, ex) for set_name, role, ex in self.sets if role == "validation"]
             if not validation:
                 raise ValueError("--swag-scale auto needs a validation set")
-            examples = validation[0][1]
+            set_name, examples = validation[0]
             labels = torch.tensor([ex.answer_index for ex in examples])
-            posterior = self.posterior(0, spec)
-            scores = {scale: metrics.nll(metrics.predictive(self.predict(posterior, range(1), spec, examples, n, scale)), labels)
+            posterior = member_posterior(self.session, self.members[0], spec)
+            scores = {scale: metrics.nll(metrics.predictive(self.predict(posterior, range(1), spec, examples, n, scale, set_name)), labels)
                       for scale in SCALE_GRID}
             self.chosen[key] = min(scores, key=scores.get)
             atomic_write_json(self.out_dir / "eval" / f"scale-{spec.saved}.json", {"grid_nll": scores, "chosen": self.chosen[key]})
@@ -160,7 +175,7 @@ class _RowEvaluation:
             scale = self.auto_scale(spec, n) if setting == "auto" else setting
         used = range(len(self.members)) if spec.all_members else range(1)
         start = time.perf_counter()
-        parts = [self.posterior(i, spec) for i in used]
+        parts = [member_posterior(self.session, self.members[i], spec) for i in used]
         posterior = Ensemble(parts) if spec.all_members else parts[0]
         if posterior.stochastic_forward or spec.linearized:  # in-forward randomness: one generator for the row
             probs = {set_name: self.predict(posterior, used, spec, examples, n, scale, set_name, self.bar)
@@ -180,7 +195,17 @@ class _RowEvaluation:
                         **common, **extra}
                 out = self.out_dir / "eval" / set_dir_name(set_name) / label
                 results.append(write_eval(out, examples, set_probs[set_name], info))
+                if role == "validation":
+                    write_abstention(out, self.abstention(set_probs[set_name], examples))
         return results
+
+    def abstention(self, probs: torch.Tensor, examples: list[MCQExample]) -> dict | None:
+        """The abstention rule for ``--abstain-risk`` chosen on these validation predictions (None: not asked)."""
+        if self.abstain_risk is None:
+            return None
+        confidence, prediction = metrics.predictive(probs).max(-1)
+        correct = prediction == torch.tensor([ex.answer_index for ex in examples])
+        return metrics.abstention_rule(confidence, correct, self.abstain_risk)
 
 
 def _bma_log_probs(probs: torch.Tensor, examples: list[MCQExample]) -> torch.Tensor:
@@ -201,11 +226,14 @@ def _temperature_scaled(probs: dict[str, torch.Tensor], sets) -> tuple[dict[str,
     name, examples = validation[0]
     labels = torch.tensor([ex.answer_index for ex in examples])
     temperature = fit_temperature(_bma_log_probs(probs[name], examples), labels)
-    scaled = {}
-    for set_name, _, set_examples in sets:
-        logits = apply_temperature(_bma_log_probs(probs[set_name], set_examples), temperature)
-        scaled[set_name] = torch.softmax(logits, -1)[None].float()
+    scaled = {set_name: temperature_scale(probs[set_name], set_examples, temperature) for set_name, _, set_examples in sets}
     return scaled, {"temperature": temperature}
+
+
+def temperature_scale(probs: torch.Tensor, examples: list[MCQExample], temperature: float) -> torch.Tensor:
+    """The ``+ts`` variant of sample probabilities ``[S, N, C]``: softmax of the log BMA predictive divided by
+    ``temperature``, as one sample ``[1, N, C]``."""
+    return torch.softmax(apply_temperature(_bma_log_probs(probs, examples), temperature), -1)[None].float()
 
 
 def evaluate_base(session: Session, out_dir: Path, progress: bool = True) -> list[dict]:

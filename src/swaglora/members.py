@@ -150,7 +150,8 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
             atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
                                                   "examples_per_second": result.examples_per_second,
                                                   "kept_swag_epoch": result.kept_epoch,
-                                                  "n_train": len(session.train), "library_version": __version__})
+                                                  "n_train": len(session.train), "library_version": __version__,
+                                                  "max_choices": max(ex.n_choices for ex in session.train)})
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
         dist.wait()
     for index in members:

@@ -55,7 +55,7 @@ from torch import Tensor
 __all__ = [
     "predictive", "accuracy", "nll", "brier", "ece", "reliability_bins", "summarize",
     "entropy", "uncertainty", "auroc", "aupr", "fpr_at_tpr", "risk_coverage", "aurc",
-    "accuracy_at_coverage", "abstention_threshold", "selective_risk",
+    "accuracy_at_coverage", "abstention_threshold", "selective_risk", "abstention_rule",
     "BOOTSTRAP_METRICS", "bootstrap_counts", "resampled_metrics", "paired_bootstrap",
 ]
 
@@ -64,8 +64,16 @@ SUM_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------- validation
+def _as_tensor(x: Any) -> Tensor:
+    """``x`` as a tensor; Python floats become float64 (``torch.as_tensor`` would round them to float32)."""
+    if isinstance(x, Tensor):
+        return x.detach()
+    t = torch.as_tensor(x)
+    return torch.as_tensor(x, dtype=torch.float64) if t.is_floating_point() else t
+
+
 def _float64(x: Any, name: str) -> Tensor:
-    t = torch.as_tensor(x).detach()
+    t = _as_tensor(x)
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype}")
     t = t.to(torch.float64)
@@ -108,7 +116,7 @@ def _probs_labels(probs: Any, labels: Any) -> tuple[Tensor, Tensor]:
 
 
 def _vector(x: Any, name: str) -> Tensor:
-    t = torch.as_tensor(x).detach()
+    t = _as_tensor(x)
     t = _float64(t if t.is_floating_point() else t.double(), name)
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
@@ -324,6 +332,16 @@ def abstention_threshold(confidence: Any, correct: Any, target_risk: float) -> f
     n = torch.arange(1, len(c) + 1, dtype=torch.float64)
     ok = torch.nonzero(last & (errs / n <= target_risk)).flatten()
     return c[ok[-1]].item() if len(ok) else math.inf
+
+
+def abstention_rule(confidence: Any, correct: Any, target_risk: float) -> dict[str, Any]:
+    """The abstention rule for ``target_risk`` chosen on these examples and what it achieves on them:
+    ``{"target_risk", "threshold" (None: no threshold reaches the target, abstain on everything), "risk",
+    "coverage", "n"}`` from :func:`abstention_threshold` and :func:`selective_risk`."""
+    threshold = abstention_threshold(confidence, correct, target_risk)
+    risk, coverage = selective_risk(confidence, correct, threshold)
+    return {"target_risk": float(target_risk), "threshold": threshold if math.isfinite(threshold) else None,
+            "risk": risk, "coverage": coverage, "n": int(_vector(confidence, "confidence").numel())}
 
 
 # ------------------------------------------------------------------------- intervals

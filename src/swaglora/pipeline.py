@@ -21,10 +21,11 @@ __all__ = ["run", "prepare_run_dir"]
 
 
 def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = False,
-        plan: validate.Plan | None = None) -> list[dict]:
+        plan: validate.Plan | None = None, abstain_risk: float | None = None) -> list[dict]:
     """The main job: train the members, evaluate every row on every set, write the results.
 
-    ``plan``: what :func:`swaglora.validate.preflight` returned for this job (checked here when None).
+    ``plan``: what :func:`swaglora.validate.preflight` returned for this job (checked here when None);
+    ``abstain_risk``: store each row's abstention threshold for this risk (:func:`evaluate.evaluate_run`).
     """
     dist = current()
     plan = plan or validate.preflight(cfg, "run", run_dir, overwrite=overwrite)
@@ -34,7 +35,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: bool = True, overwrite: bool = 
     train_members(session, run_dir, cfg.posterior.member_indices, rows, progress=progress)
     if not dist.is_main:  # under accelerate launch: training is data parallel, evaluation runs once
         return []
-    return evaluate_run(session, [run_dir], rows, run_dir, progress=progress)
+    return evaluate_run(session, [run_dir], rows, run_dir, progress=progress, abstain_risk=abstain_risk)
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, overwrite: bool, data_sha256: dict[str, str] | None = None) -> None:

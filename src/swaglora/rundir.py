@@ -14,6 +14,10 @@ Layout (one ``RUN`` directory per seed)::
     RUN/eval/<set>/<row>/predictions.jsonl   id, question, probs (label order), labels, answer, prediction,
                                              confidence, correct, total_entropy, expected_entropy,
                                              mutual_information
+    RUN/eval/validation/<row>/abstention.json  with --abstain-risk R at evaluation: the row's abstention rule
+                                             chosen on validation: target_risk R, threshold (answer when
+                                             confidence >= threshold; null: never), the risk and coverage it
+                                             achieves on validation, n (``swaglora predict`` uses it)
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ from .data import MCQExample
 from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import runtime_info
 
-__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "set_dir_name", "write_eval", "member_dirs", "save_adapter",
-           "check_run_format", "write_run_marker", "save_config", "load_run_config"]
+__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "ABSTENTION_NAME", "set_dir_name", "prediction_rows", "write_eval",
+           "write_abstention", "member_dirs", "save_adapter", "check_run_format", "write_run_marker", "save_config", "load_run_config"]
 
 
 #: Settings that may change between a run and its resumption: they do not change any result.
 RESULT_NEUTRAL = {"train.checkpoint_every", "train.threads", "model.device"}
+
+
+#: The abstention rule of a row, next to its validation metrics.json.
+ABSTENTION_NAME = "abstention.json"
 
 
 #: Version of the run-directory layout; a run written by a newer swaglora is refused, not misread.
@@ -53,28 +61,48 @@ def set_dir_name(name: str) -> str:
     return safe or "set"
 
 
+def prediction_rows(examples: list[MCQExample], sample_probs: torch.Tensor) -> list[dict]:
+    """Per question, from sample probabilities ``[S, N, C]``: id, probs (the BMA predictive in label order, full
+    precision), labels, prediction, confidence, total_entropy, expected_entropy, mutual_information."""
+    probs = metrics.predictive(sample_probs)
+    unc = metrics.uncertainty(sample_probs)
+    rows = []
+    for i, ex in enumerate(examples):
+        p = probs[i, : ex.n_choices]
+        pred = int(p.argmax())
+        rows.append({"id": ex.id, "probs": [float(x) for x in p], "labels": list(ex.labels), "prediction": ex.labels[pred],
+                     "confidence": float(p[pred]), "total_entropy": float(unc["total_entropy"][i]),
+                     "expected_entropy": float(unc["expected_entropy"][i]),
+                     "mutual_information": float(unc["mutual_information"][i])})
+    return rows
+
+
 def write_eval(out: Path, examples: list[MCQExample], sample_probs: torch.Tensor, info: dict) -> dict:
     """``metrics.json`` and ``predictions.jsonl`` of one row on one set. Probabilities are written at full
     precision: anything recomputed from the file (report intervals, OOD, selective prediction) equals what
     ``metrics.json`` holds, also for a tiny probability on the answer (rounded, it would become 0)."""
     labels = torch.tensor([ex.answer_index for ex in examples])
-    probs = metrics.predictive(sample_probs)
     result = {**metrics.summarize(sample_probs, labels), **info}
-    unc = metrics.uncertainty(sample_probs)
     lines = []
-    for i, ex in enumerate(examples):
-        p = probs[i, : ex.n_choices]
-        pred = int(p.argmax())
-        lines.append(json.dumps({
-            "id": ex.id, "question": ex.question, "probs": [float(x) for x in p], "labels": list(ex.labels),
-            "answer": ex.answer, "prediction": ex.labels[pred], "confidence": float(p[pred]), "correct": pred == ex.answer_index,
-            "total_entropy": float(unc["total_entropy"][i]), "expected_entropy": float(unc["expected_entropy"][i]),
-            "mutual_information": float(unc["mutual_information"][i]),
-        }))
+    for ex, row in zip(examples, prediction_rows(examples, sample_probs)):
+        lines.append(json.dumps({"id": row["id"], "question": ex.question, "probs": row["probs"], "labels": row["labels"],
+                                 "answer": ex.answer, "prediction": row["prediction"], "confidence": row["confidence"],
+                                 "correct": row["prediction"] == ex.answer, "total_entropy": row["total_entropy"],
+                                 "expected_entropy": row["expected_entropy"],
+                                 "mutual_information": row["mutual_information"]}))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     atomic_write_json(out / "metrics.json", result)
     return result
+
+
+def write_abstention(out: Path, rule: dict | None) -> None:
+    """Store a row's abstention rule next to its validation metrics (None removes an older one, which the
+    evaluation just written would have made stale)."""
+    if rule is None:
+        (out / ABSTENTION_NAME).unlink(missing_ok=True)
+    else:
+        atomic_write_json(out / ABSTENTION_NAME, rule)
 
 
 def member_dirs(run_dirs: list[Path]) -> list[Path]:

@@ -206,7 +206,8 @@ class Scorer:
             ids += c
             pos += range(len(q), len(q) + len(c))
             seg += [i + 1] * len(c)
-        return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, ex.answer_index,
+        label = -1 if ex.answer is None else ex.answer_index  # -1: a question to predict, never in a loss
+        return Encoded(ids, pos, seg, pred_pos, pred_tok, pred_choice, ex.n_choices, label,
                        question_cut=max(0, len(question) - budget))
 
     def collate(self, encoded: list[Encoded], keys: list[tuple] | None = None) -> Batch:

@@ -29,8 +29,8 @@ from .selection import base_examples, eval_data, training_data
 from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
 from .scoring import MAX_CHOICE_TOKENS, Scorer
 
-__all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "is_run_dir",
-           "parse_seeds", "preflight", "warn"]
+__all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "check_out_file",
+           "check_questions", "is_run_dir", "parse_seeds", "preflight", "warn"]
 
 #: Written into every directory swaglora writes; only a directory carrying it is ever written into or deleted.
 RUN_MARKER = "swaglora_run.json"
@@ -124,6 +124,22 @@ def parse_seeds(text: str | None) -> list[int]:
     if repeated:
         raise ConfigError(f"--seeds {text!r} repeats seed {repeated[0]}; each seed is one independent run")
     return seeds
+
+
+def check_out_file(out: str, flag: str = "--out") -> None:
+    """A file to write (``-``: standard output): not a directory, in an existing directory that can be written."""
+    if out == "-":
+        return
+    if not out.strip():
+        raise ConfigError(f"{flag} is empty; give a file name, or - for standard output")
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {out}: is a directory; give a file name, or - for standard output")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: cannot write to {parent} (read-only file system or no permission)")
 
 
 def check_abstain_risk(risk: float | None) -> None:
@@ -267,6 +283,12 @@ def _check_model(cfg: RunConfig, sets: list[tuple[str, list[MCQExample]]]) -> No
         if long_choices:
             warn(f"{name}: {long_choices} of {len(encoded)} questions have choices longer than {MAX_CHOICE_TOKENS} "
                  f"tokens; cloze scoring uses only their first {MAX_CHOICE_TOKENS} tokens")
+
+
+def check_questions(cfg: RunConfig, source: str, examples: list[MCQExample]) -> None:
+    """Questions to predict with a run of ``cfg``: their prompts against ``--max-length`` with the model's
+    tokenizer (no weights loaded)."""
+    _check_model(cfg, [(source, examples)])
 
 
 @dataclass
