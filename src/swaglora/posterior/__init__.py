@@ -27,6 +27,7 @@ from swaglora.posterior.ensemble import Ensemble
 from swaglora.posterior.laplace import Laplace
 from swaglora.posterior.map import MAP
 from swaglora.posterior.swag import SWAG, SWAGDiag, SWAGState
+from swaglora.posterior.tfb import TFB
 
 from swaglora.posterior.registry import (
     METHODS,
@@ -42,7 +43,7 @@ from swaglora.posterior.registry import (
     rows,
 )
 
-for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace):
+for _cls in (MAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, TFB):
     register(_cls)
 del _cls
 
@@ -55,6 +56,7 @@ __all__ = [
     "SWAG",
     "SWAGDiag",
     "SWAGState",
+    "TFB",
     "Ensemble",
     "Laplace",
     "MCDropout",
