@@ -4,11 +4,11 @@ Shi, Wang, Han, Zhang & Wang 2024, "Training-Free Bayesianization for Low-Rank A
 Models", https://arxiv.org/abs/2412.05723 ; the authors' code: github.com/Wang-ML-Lab/bayesian-peft,
 ``modelwrappers/tfblora.py`` (NLL search) and ``modelwrappers/tfblora_acc.py`` (accuracy search).
 
-**The family (the paper's low-rank isotropic Gaussian, §4).** For one adapted layer with the trained
-:math:`\Delta W = BA` (``lora_B`` :math:`B \in R^{m\times r}`, ``lora_A`` :math:`A \in R^{r\times n}`), take the
-thin SVD :math:`B = U\,\mathrm{diag}(d)\,V^\top` and write :math:`B' = U\,\mathrm{diag}(d)`,
+**The family** (the paper's "low-rank isotropic Gaussian", as the authors' code implements it). For one
+adapted layer with the trained :math:`\Delta W = BA` (``lora_B`` :math:`B \in R^{m\times r}`, ``lora_A``
+:math:`A \in R^{r\times n}`), take the thin SVD :math:`B = U\,\mathrm{diag}(d)\,V^\top` and write :math:`B' = U\,\mathrm{diag}(d)`,
 :math:`A' = V^\top A` (so :math:`B'A' = BA`). B stays deterministic; the entries of :math:`A'` get independent
-Gaussian noise, row i with standard deviation :math:`\Omega_{ij} = \sigma / d_i` (``tfblora.py``,
+Gaussian noise, row i with standard deviation :math:`\Omega_{ij} = \sigma_q / d_i` (σ below; ``tfblora.py``,
 ``_wrap_lora_layer_var_infer``: ``lora_std = beta / (D + 1e-6)`` tiled over the n columns). Then
 
 .. math:: \Delta W_\text{draw} - BA = B'(A'_\text{draw} - A') = \sigma\, U E,\qquad E_{ij} \sim N(0, 1),
@@ -25,8 +25,8 @@ the ``matrix_rank`` tolerance; e.g. an all-zero, never trained B) get no noise: 
 reference code's ``σ / (d_i + 1e-6)`` only adds rounding noise there. Trainable tensors that are not part of a
 ``lora_A``/``lora_B`` pair (the letter head) stay at their MAP value.
 
-**The search (the paper's variance maximisation, §4.2).** σ is the largest value whose predictive loses at
-most ε of the MAP's validation performance, found by bisection on ``[sigma_min, sigma_max]``. Each step
+**The search** (the paper's variance maximisation). σ is the largest value whose predictive loses at most ε
+of the MAP's validation performance, found by bisection on ``[sigma_min, sigma_max]``. Each step
 evaluates the midpoint: the BMA of ``search_samples`` draws on the validation batches; accepted (drop ≤ ε)
 moves the lower end up, rejected moves the upper end down. The result is the largest accepted midpoint;
 0 (the MAP itself, whose drop is 0) when none was accepted. Metrics, ``drop`` of :math:`p_\sigma` against the MAP
@@ -142,7 +142,8 @@ class TFB(MAP):
         if steps < 1 or search_samples < 1:
             raise ValueError(f"steps and search_samples must be >= 1, got {steps} and {search_samples}")
         self.sigma, self.metric, self.epsilon = float(sigma), metric, epsilon
-        self.sigma_min, self.sigma_max, self.steps, self.search_samples = float(sigma_min), float(sigma_max), int(steps), int(search_samples)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.steps, self.search_samples = int(steps), int(search_samples)
         self.baseline = None if baseline is None else float(baseline)
         self.trace = [dict(t) for t in trace]
         self.default_scale = float(type(self).default_scale if default_scale is None else default_scale)
