@@ -150,3 +150,21 @@ def test_linear_schedule_with_warm_up_by_hand():
     assert lrs[30:] == pytest.approx([1e-4] * 10)
     auto = apply_overrides(cfg, {"train.schedule": "auto"})  # the default: constant until SWAG, warm-up over MAP only
     assert [lr_at(s, 10, auto) for s in range(20)] == pytest.approx([5e-4, 1e-3] + [1e-3] * 18)
+
+
+@pytest.mark.parametrize("command", ["run", "train", "evaluate"])
+def test_help_lists_every_setting(command, capsys, monkeypatch):
+    """--help renders every config field's flag (a '%' in a help text must not break argparse's formatting)."""
+    import types
+
+    from swaglora.config import TFBConfig
+
+    field = TFBConfig.__dataclass_fields__["epsilon"]
+    monkeypatch.setattr(field, "metadata", types.MappingProxyType({**field.metadata, "help": "tolerance, 0.3% = 0.003"}))
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--tfb-epsilon", "--tfb-metric", "--laplace-subset", "--swag-samples", "--lora-r"):
+        assert flag in out
+    assert "0.3% = 0.003" in out

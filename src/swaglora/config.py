@@ -194,7 +194,7 @@ class LaplaceConfig:
 @dataclass
 class TFBConfig:
     metric: str = _f("nll", "validation metric TFB's noise search keeps within epsilon of the MAP's: nll (relative increase) or accuracy (absolute decrease)")
-    epsilon: float = _f(0.0, "largest tolerated validation drop; 0 = the paper's for the metric (nll: 0.003, i.e. 0.3%; accuracy: 0.01)")
+    epsilon: float = _f(0.0, "largest tolerated validation drop; 0 = the paper's for the metric (nll: 0.003, a relative increase of 0.3 percent; accuracy: 0.01)")
     sigma_min: float = _f(0.001, "lower end of the bisection interval of the noise std sigma (the paper's code: 0.001)")
     sigma_max: float = _f(0.015, "upper end of the bisection interval (the paper's scripts: 0.015)")
     steps: int = _f(5, "bisection steps, one validation evaluation each (the paper's scripts: 5)")
