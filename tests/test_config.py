@@ -170,3 +170,21 @@ def test_samples_and_members_moved_to_the_posterior_section_and_old_files_still_
     assert "samples" not in config_to_dict(RunConfig())["swag"] and PosteriorConfig().samples == 4
     cli = build_parser().parse_args(["run", "--swag-samples", "6", "--samples", "9"])  # old flag is an alias
     assert resolve_config(cli).posterior.samples == 9
+
+
+@pytest.mark.parametrize("command", ["run", "train", "evaluate"])
+def test_help_lists_every_setting(command, capsys, monkeypatch):
+    """--help renders every config field's flag (a '%' in a help text must not break argparse's formatting)."""
+    import types
+
+    from swaglora.config import TFBConfig
+
+    field = TFBConfig.__dataclass_fields__["epsilon"]
+    monkeypatch.setattr(field, "metadata", types.MappingProxyType({**field.metadata, "help": "tolerance, 0.3% = 0.003"}))
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--tfb-epsilon", "--tfb-metric", "--laplace-subset", "--swag-samples", "--lora-r"):
+        assert flag in out
+    assert "0.3% = 0.003" in out

@@ -50,8 +50,9 @@ def build(name: str, model, scorer, examples):
         b = scorer.batch(batch)
         return scorer.logits(b), b.labels
 
-    for member in members:
-        member.fit(model, [examples[:4], examples[4:]], loss_fn)
+    for member in members:  # every method gets the same arguments; each uses what it needs
+        member.fit(model, [examples[:4], examples[4:]], loss_fn, validation=[examples[4:], examples[:4]],
+                   generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(start[k])

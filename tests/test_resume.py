@@ -9,6 +9,7 @@ phase under test they sleep a little per optimiser step (``lr_at`` wrapped in th
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -32,7 +33,10 @@ MAP_STEPS = 2 * STEPS_PER_EPOCH
 def _args(model_dir: Path, data: Path, run: Path, *extra: str) -> list[str]:
     return ["train", "--out", str(run), "--model", str(model_dir), "--scoring", "cloze", "--data", str(data),
             "--epochs", "2", "--swag-epochs", "2", "--swag-every", "2", "--members", "1", "--batch-size", "4",
-            "--lora-r", "2", "--lora-layers", "top:1", "--threads", "1", "--quiet", *extra]
+            "--lora-r", "2", "--lora-layers", "top:1", "--threads", "1", "--quiet",
+            # TFB is fitted at the end of the MAP phase (a range where this tiny model gets sigma > 0)
+            "--methods", "map,swa,swag-diag,swag,tfb", "--tfb-sigma-min", "0", "--tfb-sigma-max", "0.002",
+            "--tfb-epsilon", "0.01", *extra]
 
 
 def _slow(delay: float, progress: Path | None = None) -> list[str]:
@@ -116,7 +120,7 @@ def _signal_when(cmd: list[str], run: Path, tmp_path: Path, ready, sig: int, ste
 def _artifacts(run: Path) -> dict[str, torch.Tensor]:
     member = run / "members" / "0"
     out = {}
-    for name in ("map", "swag", "swag-diag"):
+    for name in ("map", "swag", "swag-diag", "tfb"):
         out.update({f"{name}/{k}": v for k, v in load_safetensors(member / "posteriors" / name / "posterior.safetensors").items()})
     out.update({f"adapter/{k}": v for k, v in load_safetensors(member / "adapter" / "adapter_model.safetensors").items()})
     return out
@@ -130,6 +134,8 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
         assert torch.equal(got[key], want[key]), key  # bitwise
     log = lambda r: (r / "members" / "0" / "train_log.jsonl").read_text()  # noqa: E731
     assert log(run) == log(reference)
+    tfb = lambda r: json.loads((r / "members" / "0" / "posteriors" / "tfb" / "posterior_config.json").read_text())["hparams"]  # noqa: E731
+    assert tfb(run) == tfb(reference) and tfb(run)["sigma"] > 0  # the same sigma and search trace
     assert (run / "members" / "0" / "done.json").is_file()
     assert not _ckpt_dir(run).exists()  # removed once the member is done
 

@@ -38,7 +38,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None,
-                                      "help": f"{f.metadata.get('help', '')} (default: {default})"}
+                                      "help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")}
             if hints[f.name] is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:

@@ -25,6 +25,7 @@ __all__ = [
     "PosteriorConfig",
     "LaplaceConfig",
     "BLoBConfig",
+    "TFBConfig",
     "EvalConfig",
     "RunConfig",
     "apply_overrides",
@@ -227,6 +228,26 @@ class BLoBConfig:
 
 
 @dataclass
+class TFBConfig:
+    metric: str = _f("nll", "validation metric TFB's noise search keeps within epsilon of the MAP's: nll (relative increase) or accuracy (absolute decrease)")
+    epsilon: float = _f(0.0, "largest tolerated validation drop; 0 = the paper's for the metric (nll: 0.003, a relative increase of 0.3 percent; accuracy: 0.01)")
+    sigma_min: float = _f(0.001, "lower end of the bisection interval of the noise std sigma (the paper's code: 0.001)")
+    sigma_max: float = _f(0.015, "upper end of the bisection interval (the paper's scripts: 0.015)")
+    steps: int = _f(5, "bisection steps, one validation evaluation each (the paper's scripts: 5)")
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("nll", "accuracy"):
+            raise ConfigError(f"tfb.metric must be nll or accuracy, got {self.metric!r}")
+        if not 0 <= self.epsilon < float("inf"):
+            raise ConfigError(f"tfb.epsilon must be a finite number >= 0 (0 = the paper's), got {self.epsilon}")
+        if not 0 <= self.sigma_min < self.sigma_max < float("inf"):
+            raise ConfigError(f"tfb.sigma_min and tfb.sigma_max must satisfy 0 <= sigma_min < sigma_max (finite), "
+                              f"got {self.sigma_min} and {self.sigma_max}")
+        if self.steps < 1:
+            raise ConfigError(f"tfb.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
@@ -257,6 +278,7 @@ class RunConfig:
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
     blob: BLoBConfig = field(default_factory=BLoBConfig)
+    tfb: TFBConfig = field(default_factory=TFBConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from .calibration import apply_temperature, fit_temperature
 from .config import RunConfig
 from .data import MCQExample
 from .io import atomic_write_json, read_json
-from .members import Session, add_posthoc_posterior
+from .members import Session, add_posthoc_posterior, draw_generator
 from .params import trainable_parameters
 from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
@@ -65,21 +64,6 @@ def check_posteriors(session: Session, members: list[Path], rows: list[str]) -> 
 def eval_sets(session: Session) -> list[tuple[str, str, list[MCQExample]]]:
     """(name, role, examples) for validation, the in-distribution test split and every shift set."""
     return [("validation", "validation", session.validation), *eval_data(session.cfg)]
-
-
-def draw_generator(member_seed: int, method: str, eval_set: str | None = None) -> torch.Generator:
-    """The generator of the random draws of one member posterior: a function of the member's training seed
-    (:func:`member_seed`, so of the run's seed and the member index), the posterior and the evaluation set
-    only, never of paths or time.
-
-    ``eval_set=None`` seeds the posterior's *weight* draws, which are the same for every evaluation set (and
-    for ``swaglora predict``): the S models of the Bayesian model average are one set of models, so a
-    question gets the same probabilities in whichever set it is scored, and in-distribution and shift sets
-    are compared under the same draws (OOD detection). Randomness inside a forward pass (MC-dropout masks,
-    the linearised predictive's logit samples) uses the generator of the set.
-    """
-    key = f"{member_seed}/{method}" if eval_set is None else f"{member_seed}/{method}/{eval_set}"
-    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
 
 
 def member_posterior(session: Session, member: Path, spec: Row) -> Posterior:

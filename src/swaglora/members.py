@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from . import checkpoint, distributed
 from ._version import __version__
 from .config import RunConfig
 from .data import MCQExample
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json
 from .models import LoadedModel, add_lora, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import CONFIG_NAME, Posterior, base_rows, get_method, load_posterior, reference_row, row
@@ -26,8 +27,8 @@ from .scoring import HiddenCache, Scorer
 from .selection import training_data
 from .train import fit
 
-__all__ = ["Session", "open_session", "check_schedule", "member_seed", "train_members", "train_own_member", "fit_posthoc",
-           "add_posthoc_posterior"]
+__all__ = ["Session", "open_session", "check_schedule", "member_seed", "draw_generator", "train_members",
+           "train_own_member", "fit_posthoc", "add_posthoc_posterior"]
 
 
 @dataclass
@@ -92,6 +93,22 @@ def member_seed(cfg: RunConfig, index: int) -> int:
     return cfg.train.seed * 1000 + index
 
 
+def draw_generator(member_seed: int, method: str, eval_set: str | None = None) -> torch.Generator:
+    """The generator of the random draws of one member posterior: a function of the member's training seed
+    (:func:`member_seed`, so of the run's seed and the member index), the posterior and the evaluation set
+    only, never of paths or time.
+
+    ``eval_set=None`` seeds the posterior's *weight* draws, which are the same for every evaluation set (and
+    for ``swaglora predict``): the S models of the Bayesian model average are one set of models, so a
+    question gets the same probabilities in whichever set it is scored, and in-distribution and shift sets
+    are compared under the same draws (OOD detection). Randomness inside a forward pass (MC-dropout masks,
+    the linearised predictive's logit samples) uses the generator of the set. A post-hoc fit that draws
+    weights (TFB's search of its noise level) gets the weight-draw generator too (:func:`fit_posthoc`).
+    """
+    key = f"{member_seed}/{method}" if eval_set is None else f"{member_seed}/{method}/{eval_set}"
+    return torch.Generator().manual_seed(zlib.crc32(key.encode()))
+
+
 def train_members(session: Session, run_dir: Path, members: list[int], rows: list[str], progress: bool = True) -> None:
     """Train each member (its own seed), collecting the posteriors the table rows need; skip finished ones.
 
@@ -133,7 +150,7 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
                 return
             for name, p in posteriors.items():
                 if not p.trajectory:
-                    fit_posthoc(session, p)
+                    fit_posthoc(session, p, seed)
                     p.save(out / "posteriors" / name, meta)  # now: a resumed run after this point reloads it
 
         result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
@@ -196,12 +213,21 @@ def train_own_member(session: Session, out: Path, name: str, seed: int, progress
     dist.wait()
 
 
-def fit_posthoc(session: Session, posterior: Posterior) -> None:
-    """Collect and fit a post-hoc posterior (MAP, MC dropout, Laplace) at the model's current weights."""
+def fit_posthoc(session: Session, posterior: Posterior, seed: int) -> None:
+    """Collect and fit a post-hoc posterior (MAP, MC dropout, Laplace, TFB) at the model's current weights.
+
+    Every method gets the training batches, the validation batches (``validation=``) and the generator of
+    member ``seed``'s weight draws for it (``generator=``, :func:`draw_generator`); each uses what it needs
+    (Laplace the training data, TFB the validation data and the generator).
+    """
     size = session.cfg.train.batch_size
+
+    def batches(examples: list[MCQExample]) -> list[list[MCQExample]]:
+        return [examples[i : i + size] for i in range(0, len(examples), size)]
+
     posterior.collect(session.model)
-    posterior.fit(session.model, [session.train[i : i + size] for i in range(0, len(session.train), size)],
-                  session_loss(session))
+    posterior.fit(session.model, batches(session.train), session_loss(session),
+                  validation=batches(session.validation), generator=draw_generator(seed, posterior.name))
 
 
 def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
@@ -215,14 +241,15 @@ def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
         raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
     point = reference_row().saved  # the member's fine-tuned weights
     map_weights = load_posterior(member / "posteriors" / point, model=session.model, expected_metadata=session.metadata)
+    seed = int(read_json(member / "done.json")["seed"])
     with use_params(session.model, map_weights.sample()):
         posterior = cls.build(session.model, session.cfg)
-        fit_posthoc(session, posterior)
+        fit_posthoc(session, posterior, seed)
     posterior.save(member / "posteriors" / name, session.metadata)
 
 
 def session_loss(session: Session):
-    """``loss_fn(model, examples) -> (logits, labels)`` for post-hoc methods (Laplace)."""
+    """``loss_fn(model, examples) -> (logits, labels)`` for post-hoc methods (Laplace, TFB)."""
 
     def loss_fn(model: nn.Module, examples: list[MCQExample]):
         batch = session.scorer.batch(examples)

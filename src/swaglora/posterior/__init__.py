@@ -29,6 +29,7 @@ from swaglora.posterior.laplace import Laplace
 from swaglora.posterior.map import MAP
 from swaglora.posterior.matched import MatchedMAP
 from swaglora.posterior.swag import SWAG, SWAGDiag, SWAGState
+from swaglora.posterior.tfb import TFB
 
 from swaglora.posterior.registry import (
     METHODS,
@@ -46,7 +47,7 @@ from swaglora.posterior.registry import (
     rows,
 )
 
-for _cls in (MAP, MatchedMAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB):
+for _cls in (MAP, MatchedMAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB, TFB):
     register(_cls)
 del _cls
 
@@ -61,6 +62,7 @@ __all__ = [
     "SWAG",
     "SWAGDiag",
     "SWAGState",
+    "TFB",
     "Ensemble",
     "Laplace",
     "MCDropout",

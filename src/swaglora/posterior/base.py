@@ -124,8 +124,14 @@ class Posterior(ABC):
     def collect(self, model: nn.Module) -> None:
         """Add a snapshot of the model's current trainable weights (default: nothing)."""
 
-    def fit(self, model: nn.Module, batches: Any, loss_fn: Any) -> None:
-        """Post-hoc fitting (e.g. Laplace); default: nothing."""
+    def fit(self, model: nn.Module, batches: Any, loss_fn: Any, *, validation: Any = None,
+            generator: torch.Generator | None = None) -> None:
+        """Post-hoc fitting at the model's current weights; default: nothing.
+
+        ``batches``: the training data; ``validation``: held-out batches (TFB's search); ``generator``: seeds any
+        weight draws the fit makes. ``loss_fn(model, batch) -> (logits [B, C], labels [B])``. A method ignores
+        what it does not use.
+        """
 
     @classmethod
     def member_config(cls, cfg: RunConfig) -> RunConfig:

@@ -43,7 +43,7 @@ class Ensemble(Posterior):
     def collect(self, model: nn.Module) -> None:
         raise TypeError("collect into one member (ensemble.members[i].collect(model)), not into the Ensemble")
 
-    def fit(self, model: nn.Module, batches: Any, loss_fn: Any) -> None:
+    def fit(self, model: nn.Module, batches: Any, loss_fn: Any, **kwargs: Any) -> None:
         raise TypeError("fit each member with its own model (ensemble.members[i].fit(...)), not the Ensemble")
 
     @property

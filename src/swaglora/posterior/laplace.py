@@ -175,10 +175,12 @@ class Laplace(Posterior):
     def collect(self, model: nn.Module) -> None:
         self._mean = {n: p.detach().to(self.device, copy=True) for n, p in self._read(model).items()}
 
-    def fit(self, model: nn.Module, batches: Any, loss_fn: Any) -> None:
+    def fit(self, model: nn.Module, batches: Any, loss_fn: Any, *, validation: Any = None,
+            generator: torch.Generator | None = None) -> None:
         """KFAC of the GGN at the model's current (MAP) weights over ``batches``; then the prior precision.
 
-        ``loss_fn(model, batch) -> (logits [B, C], labels [B])``; absent choices may be ``-inf``.
+        ``loss_fn(model, batch) -> (logits [B, C], labels [B])``; absent choices may be ``-inf``. Deterministic and
+        on the training data only: ``validation`` and ``generator`` are not used.
         """
         self.collect(model)
         params, modules = self._read(model), dict(model.named_modules())

@@ -51,5 +51,5 @@ class MAP(Posterior):
         return dict(self._weights)
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        check_state_shapes(self.parameter_shapes, state, "MAP")
+        check_state_shapes(self.parameter_shapes, state, type(self).__name__)
         self._weights = {n: state[n].detach().to(self.device or state[n].device, copy=True) for n in self.parameter_shapes}
