@@ -117,64 +117,67 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
     writes files. Methods that train their own member (BLoB) are trained after that, see :func:`train_own_member`.
     """
     cfg = session.cfg
-    dist = distributed.current()
     needed = _needed_posteriors(rows)
     names = [n for n in needed if not get_method(n).trains_own_member]
     for index in members:
         out = run_dir / "members" / str(index)
-        if (out / "done.json").is_file():
-            continue
-        seed = member_seed(cfg, index)
-        init_lora(session.model, seed)  # a fresh member: LoRA and the letter head at their initial values
-        model = session.model
-        meta = session.metadata
-        resume = checkpoint.latest(out / "checkpoints")
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume is None:
-                (out / "train_log.jsonl").unlink(missing_ok=True)
-                for base in base_rows():  # the model before fine-tuning
-                    get_method(base.method).build(model, cfg).save(out / "posteriors" / base.saved, meta)
-            else:
-                print(f"swaglora: member {index}: resuming from {resume.path}", file=sys.stderr)
-        posteriors = {n: get_method(n).build(model, cfg) for n in names}
-        along = [p for p in posteriors.values() if p.trajectory]
-        if resume is not None and resume.meta["map_done"] and dist.is_main:
-            # post-hoc posteriors were fitted and saved at the end of the MAP phase, before that checkpoint
-            for name, p in posteriors.items():
-                if not p.trajectory:
-                    posteriors[name] = load_posterior(out / "posteriors" / name, model=model, expected_metadata=meta)
-
-        def at_map_end(m: nn.Module) -> None:
-            if not dist.is_main:
-                return
-            for name, p in posteriors.items():
-                if not p.trajectory:
-                    fit_posthoc(session, p, seed)
-                    p.save(out / "posteriors" / name, meta)  # now: a resumed run after this point reloads it
-
-        result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
-                     cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress,
-                     checkpoint_dir=out / "checkpoints", resume=resume)
-        with torch.no_grad():  # the adapter on disk holds the MAP weights, not the last SWAG-phase ones
-            params = trainable_parameters(model)
-            for k, v in result.map_state.items():
-                params[k].copy_(v)
-        if dist.is_main:
-            for name, p in posteriors.items():
-                p.save(out / "posteriors" / name, meta)
-            save_adapter(model, out / "adapter")
-            atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
-                                                  "examples_per_second": result.examples_per_second,
-                                                  "kept_swag_epoch": result.kept_epoch,
-                                                  "n_train": len(session.train), "library_version": __version__,
-                                                  "max_choices": max(ex.n_choices for ex in session.train)})
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
-        dist.wait()
+        if not (out / "done.json").is_file():
+            train_member(session, out, index, names, progress)
     for index in members:
         for name in needed:
             if get_method(name).trains_own_member:
                 train_own_member(session, run_dir / "members" / str(index), name, member_seed(cfg, index), progress)
+
+
+def train_member(session: Session, out: Path, index: int, names: list[str], progress: bool = True) -> None:
+    """Train member ``index`` into ``out`` (resuming from its checkpoints), collecting and fitting the posteriors
+    ``names``; write them, the adapter and ``done.json``."""
+    cfg, dist, model, meta = session.cfg, distributed.current(), session.model, session.metadata
+    seed = member_seed(cfg, index)
+    init_lora(model, seed)  # a fresh member: LoRA and the letter head at their initial values
+    resume = checkpoint.latest(out / "checkpoints")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            (out / "train_log.jsonl").unlink(missing_ok=True)
+            for base in base_rows():  # the model before fine-tuning
+                get_method(base.method).build(model, cfg).save(out / "posteriors" / base.saved, meta)
+        else:
+            print(f"swaglora: member {index}: resuming from {resume.path}", file=sys.stderr)
+    posteriors = {n: get_method(n).build(model, cfg) for n in names}
+    along = [p for p in posteriors.values() if p.trajectory]
+    if resume is not None and resume.meta["map_done"] and dist.is_main:
+        # post-hoc posteriors were fitted and saved at the end of the MAP phase, before that checkpoint
+        for name, p in posteriors.items():
+            if not p.trajectory:
+                posteriors[name] = load_posterior(out / "posteriors" / name, model=model, expected_metadata=meta)
+
+    def at_map_end(m: nn.Module) -> None:
+        if not dist.is_main:
+            return
+        for name, p in posteriors.items():
+            if not p.trajectory:
+                fit_posthoc(session, p, seed)
+                p.save(out / "posteriors" / name, meta)  # now: a resumed run after this point reloads it
+
+    result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
+                 cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress,
+                 checkpoint_dir=out / "checkpoints", resume=resume)
+    with torch.no_grad():  # the adapter on disk holds the MAP weights, not the last SWAG-phase ones
+        params = trainable_parameters(model)
+        for k, v in result.map_state.items():
+            params[k].copy_(v)
+    if dist.is_main:
+        for name, p in posteriors.items():
+            p.save(out / "posteriors" / name, meta)
+        save_adapter(model, out / "adapter")
+        atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
+                                              "examples_per_second": result.examples_per_second,
+                                              "kept_swag_epoch": result.kept_epoch,
+                                              "n_train": len(session.train), "library_version": __version__,
+                                              "max_choices": max(ex.n_choices for ex in session.train)})
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
+    dist.wait()
 
 
 def train_own_member(session: Session, out: Path, name: str, seed: int, progress: bool = True) -> None:
