@@ -23,7 +23,7 @@ from .rundir import member_dirs, set_dir_name, write_abstention, write_eval
 from .selection import base_examples, check_eval_split, eval_data
 
 __all__ = ["SCALE_GRID", "requested_rows", "row_unavailable", "table_rows", "eval_sets", "draw_generator",
-           "member_posterior", "row_probs", "temperature_scale", "evaluate_run", "evaluate_base"]
+           "member_posterior", "row_probs", "temperature_scale", "abstention_rule", "evaluate_run", "evaluate_base"]
 
 
 #: ``--swag-scale auto`` chooses among these covariance scales by validation NLL.
@@ -145,7 +145,8 @@ class _RowEvaluation:
             set_name, examples = validation[0]
             labels = torch.tensor([ex.answer_index for ex in examples])
             posterior = member_posterior(self.session, self.members[0], spec)
-            scores = {scale: metrics.nll(metrics.predictive(self.predict(posterior, range(1), spec, examples, n, scale, set_name)), labels)
+            # through the memo: the row's own validation predictions at the chosen scale are not computed again
+            scores = {scale: metrics.nll(metrics.predictive(self.member_probs(0, posterior, spec, examples, n, scale, set_name)), labels)
                       for scale in SCALE_GRID}
             self.chosen[key] = min(scores, key=scores.get)
             atomic_write_json(self.out_dir / "eval" / f"scale-{spec.saved}.json", {"grid_nll": scores, "chosen": self.chosen[key]})
@@ -185,11 +186,14 @@ class _RowEvaluation:
 
     def abstention(self, probs: torch.Tensor, examples: list[MCQExample]) -> dict | None:
         """The abstention rule for ``--abstain-risk`` chosen on these validation predictions (None: not asked)."""
-        if self.abstain_risk is None:
-            return None
-        confidence, prediction = metrics.predictive(probs).max(-1)
-        correct = prediction == torch.tensor([ex.answer_index for ex in examples])
-        return metrics.abstention_rule(confidence, correct, self.abstain_risk)
+        return None if self.abstain_risk is None else abstention_rule(probs, examples, self.abstain_risk)
+
+
+def abstention_rule(probs: torch.Tensor, examples: list[MCQExample], risk: float) -> dict:
+    """The abstention rule for ``risk`` chosen on sample probabilities ``[S, N, C]`` of answered ``examples``
+    (:func:`metrics.abstention_rule` of the predictive's confidence and correctness)."""
+    confidence, prediction = metrics.predictive(probs).max(-1)
+    return metrics.abstention_rule(confidence, prediction == torch.tensor([ex.answer_index for ex in examples]), risk)
 
 
 def _bma_log_probs(probs: torch.Tensor, examples: list[MCQExample]) -> torch.Tensor:

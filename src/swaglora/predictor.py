@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .config import RunConfig, apply_overrides
 from .data import LETTERS, DataError, MCQExample, records_to_examples
-from .evaluate import member_posterior, row_probs, row_unavailable, temperature_scale
+from .evaluate import abstention_rule, member_posterior, row_probs, row_unavailable, temperature_scale
 from .io import read_json
 from .posterior import CONFIG_NAME, Ensemble, Row, base_rows, get_method, row, row_names
 from .rundir import ABSTENTION_NAME, load_run_config, member_dirs, prediction_rows, set_dir_name
@@ -253,9 +253,7 @@ class Predictor:
 
     def _choose_rule(self, risk: float) -> dict:
         """The threshold for ``risk`` on the run's validation split, predicted exactly as its evaluation did."""
-        examples = self.plan.validation
-        confidence, prediction = metrics.predictive(self._probs(examples, "validation")).max(-1)
-        return metrics.abstention_rule(confidence, prediction == torch.tensor([ex.answer_index for ex in examples]), risk)
+        return abstention_rule(self._probs(self.plan.validation, "validation"), self.plan.validation, risk)
 
     def predict_examples(self, examples: list[MCQExample]) -> tuple[list[Prediction], torch.Tensor]:
         """Predictions and the sample probabilities ``[S, N, C]`` of validated examples."""
