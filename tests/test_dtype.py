@@ -34,15 +34,49 @@ def test_the_environment_pins_what_auto_resolves_to(monkeypatch):
         monkeypatch.setenv(AUTO_DTYPE_ENV, value)
         assert resolve_dtype("auto") == want
         assert resolve_dtype("float32") == torch.float32  # an explicit --dtype is never overridden
-    # unset: the measured bf16 speed on this CPU decides (AVX-512-bf16 ~2x faster, AVX2 ~20x slower)
+    # unset: on x86 the CPU's flags decide, without a timing (which swings with the machine's load); elsewhere the
+    # measured bf16 speed does (AVX-512-bf16 ~2x faster, AVX2 ~20x slower)
     for value in ("", None):
         if value is None:
             monkeypatch.delenv(AUTO_DTYPE_ENV)
         else:
             monkeypatch.setenv(AUTO_DTYPE_ENV, value)
-        for speedup, want in ((2.0, torch.bfloat16), (0.05, torch.float32)):
-            monkeypatch.setattr(models, "bf16_speedup_on_cpu", lambda s=speedup: s)
+        monkeypatch.setattr(models, "bf16_speedup_on_cpu", lambda: pytest.fail("x86 flags decide without measuring"))
+        for flags, want, why in ((["avx2", "fma", "avx512f", "avx512_bf16"], torch.bfloat16, "cpu flag avx512_bf16"),
+                                 (["avx2", "amx_bf16"], torch.bfloat16, "cpu flag amx_bf16"),
+                                 (["avx2", "fma"], torch.float32, "x86 without avx512_bf16/amx_bf16"),
+                                 (["avx2", "avx512f", "avx512bw"], torch.float32, "x86 without avx512_bf16/amx_bf16")):
+            monkeypatch.setattr(models, "_cpuinfo", lambda f=flags: ("some x86", f))
             assert resolve_dtype("auto") == want
+            assert models.cpu_auto_dtype() == (want, why)
+        for flags in ([], ["asimd", "bf16"]):  # no /proc/cpuinfo, or Arm: measured
+            monkeypatch.setattr(models, "_cpuinfo", lambda f=flags: (None, f))
+            for speedup, want in ((2.0, torch.bfloat16), (1.1, torch.float32), (0.05, torch.float32)):
+                monkeypatch.setattr(models, "bf16_speedup_on_cpu", lambda s=speedup: s)
+                assert resolve_dtype("auto") == want
+                assert models.cpu_auto_dtype()[1] == f"measured: bf16 matmul {speedup:.2f}x fp32's speed"
+
+
+def test_the_measured_speedup_is_the_ratio_of_the_fastest_rounds(monkeypatch):
+    """A busy CPU stalls some rounds: the fastest round of each dtype is the measurement (a fake clock: each matmul
+    costs its dtype's time; the first round's bf16 matmuls stall). Emulated bf16 stops after two rounds."""
+    import time
+
+    real_matmul = torch.Tensor.__matmul__
+    for bf16_cost, stall, want in ((0.25, 50.0, 4.0), (20.0, 0.0, 0.05)):
+        clock = {"t": 0.0, "calls": 0}
+
+        def fake_matmul(self, other, bf16_cost=bf16_cost, stall=stall):
+            clock["calls"] += 1  # calls 1-2 warm up; round 1 is fp32 calls 3-5 then bf16 calls 6-8
+            bf16 = self.dtype == torch.bfloat16
+            clock["t"] += (bf16_cost if bf16 else 1.0) + (stall if bf16 and 6 <= clock["calls"] <= 8 else 0.0)
+            return real_matmul(self, other)
+
+        monkeypatch.setattr(torch.Tensor, "__matmul__", fake_matmul)
+        monkeypatch.setattr(time, "perf_counter", lambda: clock["t"])
+        monkeypatch.setattr(models, "_BF16_SPEEDUP", None)
+        assert models.bf16_speedup_on_cpu() == pytest.approx(want)
+        assert clock["calls"] == (2 + 5 * 6 if bf16_cost < 1 else 2 + 2 * 6)
 
 
 @pytest.mark.parametrize("value", ["fp16", "float16", "bf16", "auto"])
@@ -116,8 +150,14 @@ def test_runtime_info_records_the_measured_decision(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(models, "_BF16_SPEEDUP", 0.0537)  # as measured on an AVX2-only CPU
     info = runtime_info(ModelConfig())
-    assert info == {"dtype": "float32", "dtype_setting": "auto", "auto_dtype_env": None, "device": "cpu",
-                    "cpu": info["cpu"], "cpu_flags": _cpu_flags_oracle(), "torch": torch.__version__, "bf16_speedup": 0.05}
+    monkeypatch.setattr(models, "_cpuinfo", lambda: ("some Arm CPU", ["asimd"]))  # not x86: measured
+    info = runtime_info(ModelConfig())
+    assert info == {"dtype": "float32", "dtype_setting": "auto", "auto_dtype_env": None,
+                    "auto_dtype_reason": "measured: bf16 matmul 0.05x fp32's speed", "device": "cpu",
+                    "cpu": "some Arm CPU", "cpu_flags": ["asimd"], "torch": torch.__version__, "bf16_speedup": 0.05}
+    monkeypatch.setattr(models, "_cpuinfo", lambda: ("some x86", ["avx2", "avx512_bf16"]))
+    assert runtime_info(ModelConfig())["auto_dtype_reason"] == "cpu flag avx512_bf16"
+    assert runtime_info(ModelConfig(dtype="float32"))["auto_dtype_reason"] is None  # --dtype named it
     assert runtime_info(ModelConfig(dtype="bfloat16"))["dtype"] == "bfloat16"
 
 
@@ -137,13 +177,14 @@ def test_a_run_records_prints_and_reports_its_dtype(tmp_path, tiny_model_dir, ca
     err = capsys.readouterr().err
     assert f"dtype {pinned} on cpu (auto, pinned by {AUTO_DTYPE_ENV})" in err
     runtime = json.loads((run / "swaglora_run.json").read_text())["runtime"]
-    assert runtime == {"dtype": pinned, "dtype_setting": "auto", "auto_dtype_env": pinned, "device": "cpu",
+    assert runtime == {"dtype": pinned, "dtype_setting": "auto", "auto_dtype_env": pinned, "auto_dtype_reason": None,
+                       "device": "cpu",
                        "cpu": runtime["cpu"], "cpu_flags": _cpu_flags_oracle(), "torch": torch.__version__,
                        "bf16_speedup": None}
     report = (run / "report.md").read_text()
     flags = " ".join(_cpu_flags_oracle()) or "—"
     assert "## Run environment" in report
-    assert f"| `{run}` | 0 | {pinned} | cpu | {torch.__version__} | {flags} |  |" in report
+    assert f"| `{run}` | 0 | {pinned} | cpu | {torch.__version__} | {flags} | pinned by SWAGLORA_AUTO_DTYPE |" in report
     assert json.loads((run / "results.json").read_text())["runtime"] == [runtime]
 
     other = "bfloat16" if pinned == "float32" else "float32"

@@ -179,9 +179,8 @@ def _dtype_reason(runtime: dict) -> str:
         return ""
     if runtime["auto_dtype_env"]:
         return f" (auto, pinned by {AUTO_DTYPE_ENV})"
-    speed = runtime["bf16_speedup"]
-    measured = f": bf16 matmul runs at {speed:.2f}x fp32's speed on this CPU" if speed is not None else ""
-    return f" (auto{measured}; {AUTO_DTYPE_ENV}=float32|bfloat16 pins it)"
+    reason = f": {runtime['auto_dtype_reason']}" if runtime.get("auto_dtype_reason") else ""
+    return f" (auto{reason}; {AUTO_DTYPE_ENV}=float32|bfloat16 pins it)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,7 +48,7 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m", "'smollm2-135m' (embedded GGUF), a local directory or a Hugging Face model id", flag="--model")
-    dtype: str = _f("auto", "frozen model's dtype: float32, bfloat16, float16 or auto (bf16 only where measured faster here; $SWAGLORA_AUTO_DTYPE pins it)", flag="--dtype")
+    dtype: str = _f("auto", "frozen model's dtype: float32, bfloat16, float16 or auto (on CPU bf16 only with a native bf16 matmul: x86 flag avx512_bf16/amx_bf16, elsewhere measured; $SWAGLORA_AUTO_DTYPE pins it)", flag="--dtype")
     scoring: str = _f("auto", "answer scoring: letter (the paper's), cloze (choice likelihood) or auto (per-model default)", flag="--scoring")
     train_head: bool = _f(True, "letter scoring: train a small letters x hidden head initialised from the LM head rows", flag="--train-head")
     trust_remote_code: bool = _f(False, "allow model repositories to run their own code (off unless asked for)", flag="--trust-remote-code")

@@ -79,8 +79,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def resolve_dtype(name: str) -> torch.dtype:
     """Map a dtype name to torch. ``auto`` = ``$SWAGLORA_AUTO_DTYPE`` when set; else bf16 on a GPU that supports
-    it; on CPU, bf16 only if a quick measurement on this machine shows it faster (AVX-512-bf16/AMX: ~2x faster;
-    AVX2-only: 8-30x slower)."""
+    it; on CPU, :func:`cpu_auto_dtype` (the CPU's flags on x86, a measurement elsewhere)."""
     pinned = os.environ.get(AUTO_DTYPE_ENV, "").strip()
     if pinned not in ("", "float32", "bfloat16"):  # checked whatever --dtype says: a typo never waits for `auto`
         raise ConfigError(f"{AUTO_DTYPE_ENV}={pinned!r} is not a dtype --dtype auto can take: use float32 or bfloat16 "
@@ -91,7 +90,26 @@ def resolve_dtype(name: str) -> torch.dtype:
         return _DTYPES[pinned]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if bf16_speedup_on_cpu() > 1.2 else torch.float32
+    return cpu_auto_dtype()[0]
+
+
+#: x86 flags of a native bf16 matmul (AVX-512-bf16 ~2-4x faster than fp32 here); x86 without them: ~20-100x slower.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_auto_dtype() -> tuple[torch.dtype, str]:
+    """What ``--dtype auto`` takes on this CPU, and why. On x86 the CPU's flags decide (bf16 exactly when it has a
+    native bf16 matmul), so the same machine always resolves the same way: a timing measurement swung between 0.6x
+    and 8x on one idle-to-busy 2-core machine, which would change a run's dtype (and numbers) from run to run.
+    Elsewhere (Arm, or no /proc/cpuinfo), bf16 if a measurement shows it >1.2x faster."""
+    _, flags = _cpuinfo()
+    native = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if native:
+        return torch.bfloat16, f"cpu flag {native[0]}"
+    if "avx2" in flags or "avx512f" in flags:
+        return torch.float32, "x86 without avx512_bf16/amx_bf16"
+    speedup = bf16_speedup_on_cpu()
+    return (torch.bfloat16 if speedup > 1.2 else torch.float32), f"measured: bf16 matmul {speedup:.2f}x fp32's speed"
 
 
 _BF16_SPEEDUP: float | None = None
@@ -105,17 +123,19 @@ def bf16_speedup_on_cpu() -> float:
 
         generator = torch.Generator().manual_seed(0)
         a, w = torch.randn(256, 576, generator=generator), torch.randn(1536, 576, generator=generator)
-        times = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            x, y = a.to(dtype), w.to(dtype)
+        pairs = {dtype: (a.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+        best = dict.fromkeys(pairs, float("inf"))
+        for x, y in pairs.values():
             x @ y.T  # warm-up
-            start = time.perf_counter()
-            for _ in range(5):
-                x @ y.T
-            times[dtype] = time.perf_counter() - start
-            if times[dtype] > 10 * times.get(torch.float32, float("inf")):
-                break
-        _BF16_SPEEDUP = times[torch.float32] / times[torch.bfloat16]
+        for round_ in range(5):  # interleaved rounds, the fastest of each: robust to another process taking the CPU
+            for dtype, (x, y) in pairs.items():
+                start = time.perf_counter()
+                for _ in range(3):
+                    x @ y.T
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+            if round_ >= 1 and best[torch.bfloat16] > 10 * best[torch.float32]:
+                break  # bf16 emulated: far slower in two rounds, no need to measure it more
+        _BF16_SPEEDUP = best[torch.float32] / best[torch.bfloat16]
     return _BF16_SPEEDUP
 
 
@@ -146,8 +166,10 @@ def runtime_info(cfg: ModelConfig) -> dict:
     the torch version, and bf16's measured speed-up over fp32 on this CPU when ``auto`` measured it."""
     dtype = resolve_dtype(cfg.dtype)
     cpu, flags = _cpuinfo()
+    pinned = os.environ.get(AUTO_DTYPE_ENV, "").strip() or None
+    decided_by_cpu = cfg.dtype == "auto" and not pinned and resolve_device(cfg.device).type == "cpu"
     return {"dtype": str(dtype).removeprefix("torch."), "dtype_setting": cfg.dtype,
-            "auto_dtype_env": os.environ.get(AUTO_DTYPE_ENV, "").strip() or None,
+            "auto_dtype_env": pinned, "auto_dtype_reason": cpu_auto_dtype()[1] if decided_by_cpu else None,
             "device": str(resolve_device(cfg.device)), "cpu": cpu, "cpu_flags": flags, "torch": torch.__version__,
             "bf16_speedup": None if _BF16_SPEEDUP is None else round(_BF16_SPEEDUP, 2)}
 

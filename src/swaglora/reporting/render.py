@@ -145,12 +145,24 @@ def _environment(results: dict[str, Any]) -> list[str]:
         if not rt:
             rows.append([f"`{_md_escape(path)}`", str(seed)] + ["not recorded"] + [""] * 4)
             continue
-        speed = rt.get("bf16_speedup")
         rows.append([f"`{_md_escape(path)}`", str(seed), _md_escape(rt.get("dtype")), _md_escape(rt.get("device")),
                      _md_escape(rt.get("torch")), _md_escape(" ".join(rt.get("cpu_flags") or []) or "—"),
-                     "" if speed is None else f"{speed:.2f}x"])
+                     _md_escape(_auto_dtype_why(rt))])
     return ["## Run environment", ""] + _md_table(
-        ["Run", "Seed", "dtype", "Device", "torch", "CPU SIMD flags", "bf16 / fp32 speed"], rows, left=6)
+        ["Run", "Seed", "dtype", "Device", "torch", "CPU SIMD flags", "why this dtype"], rows, left=7)
+
+
+def _auto_dtype_why(rt: dict) -> str:
+    """Why ``--dtype auto`` took the recorded dtype ("" when --dtype named it); runs from before the CPU-flag
+    decision recorded only the measured bf16 / fp32 speed."""
+    if rt.get("dtype_setting") not in (None, "auto"):
+        return "--dtype"
+    if rt.get("auto_dtype_env"):
+        return "pinned by SWAGLORA_AUTO_DTYPE"
+    if rt.get("auto_dtype_reason"):
+        return rt["auto_dtype_reason"]
+    speed = rt.get("bf16_speedup")
+    return "" if speed is None else f"measured: bf16 matmul {speed:.2f}x fp32's speed"
 
 
 def _markdown(results: dict[str, Any], figures: dict[str, Any]) -> str:
