@@ -113,6 +113,28 @@ def test_bisection_returns_the_largest_accepted_sigma_by_hand():
     assert bisect_sigma(lambda s: -s, 0.0, 0.0, 1.0, 3)[0] == 0.875  # everything accepted: the top midpoint
 
 
+def test_expansion_finds_the_largest_sigma_above_the_range_by_hand():
+    """drop(sigma) = sigma - 0.1, epsilon 0 (accept sigma <= 0.1), the paper's range [0.001, 0.015]: without
+    expansion the answer is capped near 0.015. With it, by hand: 0.015 yes, 0.03 yes, 0.06 yes, 0.12 no; then
+    bisection of [0.06, 0.12]: 0.09 yes, 0.105 no, 0.0975 yes, 0.10125 no, 0.099375 yes -> 0.099375."""
+    drop = lambda s: s - 0.1  # noqa: E731
+    capped, _ = bisect_sigma(drop, 0.0, 0.001, 0.015, 5)
+    assert capped == pytest.approx(0.015 - 0.014 / 32)
+    sigma, trace = bisect_sigma(drop, 0.0, 0.001, 0.015, 5, expand=6)
+    assert [s for s, _ in trace] == pytest.approx([0.015, 0.03, 0.06, 0.12, 0.09, 0.105, 0.0975, 0.10125, 0.099375])
+    assert [ok for _, ok in trace] == [True, True, True, False, True, False, True, False, True]
+    assert sigma == pytest.approx(0.099375)
+    # a bound the tolerance rejects costs one evaluation and leaves the paper's bisection as it was
+    sigma, trace = bisect_sigma(lambda s: s - 0.01, 0.0, 0.001, 0.015, 5, expand=6)
+    assert trace[0] == (0.015, False) and len(trace) == 6
+    assert (sigma, trace[1:]) == bisect_sigma(lambda s: s - 0.01, 0.0, 0.001, 0.015, 5)
+    # expansion exhausted (all accepted): bisection between the last tried and its double
+    sigma, trace = bisect_sigma(lambda s: -1.0, 0.0, 0.001, 0.015, 2, expand=2)
+    assert [s for s, _ in trace] == pytest.approx([0.015, 0.03, 0.045, 0.0525]) and sigma == pytest.approx(0.0525)
+    with pytest.raises(ValueError, match="expand"):
+        TFB({A: (3, 4), B: (5, 3)}, expand=-1)
+
+
 class _Layer(nn.Module):
     """A LoRA pair named as peft names it (``lora_A.default.weight``, ``lora_B.default.weight``)."""
 
@@ -200,7 +222,9 @@ def test_save_load_round_trip_keeps_sigma_epsilon_and_trace(tmp_path):
     config = json.loads((tmp_path / "tfb" / "posterior_config.json").read_text())
     hp = config["hparams"]
     assert config["method"] == "tfb" and hp["sigma"] == post.sigma and hp["epsilon"] == 0.1 and hp["metric"] == "nll"
-    assert hp["trace"][0]["sigma"] == 0.25 and len(hp["trace"]) == 4  # the midpoint of [0, 0.5] first
+    assert hp["trace"][0]["sigma"] == 0.5 and hp["expand"] == 6  # the upper bound first (expansion) ...
+    rejected = next(i for i, t in enumerate(hp["trace"]) if not t["accepted"])  # ... doubled until rejected,
+    assert len(hp["trace"]) == rejected + 1 + 4  # then 4 bisection steps
     assert all(set(t) == {"sigma", "nll", "drop", "accepted"} for t in hp["trace"])
     loaded = load_posterior(tmp_path / "tfb", model=model, expected_metadata={"m": 1})
     assert isinstance(loaded, TFB) and loaded.hparams() == post.hparams()
@@ -238,7 +262,8 @@ def test_run_with_tfb_and_evaluate_adds_it_to_a_run_without(tmp_path, tiny_model
     assert {p.name for p in (with_tfb / "eval" / "test").iterdir()} == {"zero-shot", "zero-shot+ts", "map", "map+ts", "tfb", "tfb+ts"}
     saved = load_posterior(with_tfb / "members" / "0" / "posteriors" / "tfb")
     hp = saved.hparams()
-    assert hp["search_samples"] == 3 and hp["sigma_max"] == 0.002 and len(hp["trace"]) == 5
+    assert hp["search_samples"] == 3 and hp["sigma_max"] == 0.002 and hp["expand"] == 6
+    assert hp["trace"][0]["sigma"] == 0.002 and 6 <= len(hp["trace"]) <= 11  # the bound tried first, then 5 steps
     assert hp["sigma"] == max([t["sigma"] for t in hp["trace"] if t["accepted"]], default=0.0)
     validation = json.loads((with_tfb / "eval" / "validation" / "tfb" / "metrics.json").read_text())
     chosen = [t for t in hp["trace"] if t["sigma"] == hp["sigma"]]

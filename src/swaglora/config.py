@@ -234,6 +234,7 @@ class TFBConfig:
     sigma_min: float = _f(0.001, "lower end of the bisection interval of the noise std sigma (the paper's code: 0.001)")
     sigma_max: float = _f(0.015, "upper end of the bisection interval (the paper's scripts: 0.015)")
     steps: int = _f(5, "bisection steps, one validation evaluation each (the paper's scripts: 5)")
+    expand: int = _f(6, "before bisecting, try sigma_max and double it while the validation tolerates it, at most this many times (0 = the paper's fixed range)")
 
     def __post_init__(self) -> None:
         if self.metric not in ("nll", "accuracy"):
@@ -245,6 +246,8 @@ class TFBConfig:
                               f"got {self.sigma_min} and {self.sigma_max}")
         if self.steps < 1:
             raise ConfigError(f"tfb.steps must be >= 1, got {self.steps}")
+        if self.expand < 0:
+            raise ConfigError(f"tfb.expand must be >= 0 (0 = the paper's fixed range), got {self.expand}")
 
 
 @dataclass

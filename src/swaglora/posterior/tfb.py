@@ -37,7 +37,11 @@ predictive :math:`p_0` on the validation answers:
 * ``accuracy``: absolute decrease :math:`\mathrm{acc}(p_0) - \mathrm{acc}(p_\sigma)`, ε = 0.01
   (``scripts/tfblora_acc/*.sh``: ``th=0.01``).
 
-Search range and steps follow the scripts: ``low = 0.001``, ``high = --bayes-beta 0.015``, ``--iter 5``.
+Search range and steps follow the scripts: ``low = 0.001``, ``high = --bayes-beta 0.015``, ``--iter 5``. That
+range was set for LLaMA-scale adapters; in a first check on SmolLM2-135M's the search ended at 0.0141 of 0.015,
+near the range's end, where the rule "the largest σ within ε" can be capped by the range instead of by ε. Ours therefore first tries ``high`` and doubles it while it is accepted (``expand``, default 6 doublings, up to
+64 × 0.015 ≈ 1; ``expand = 0`` is the paper's fixed range), then bisects between the last accepted and the first
+rejected value (:func:`bisect_sigma`).
 Where we differ from the reference code, and why: it scores the predictive against the MAP's own predicted
 classes on its anchor set; we use the validation split's answers (the performance the tolerance is about). It
 takes the absolute change and divides the relative NLL change once more by the number of anchor examples
@@ -78,12 +82,23 @@ if TYPE_CHECKING:
 PAPER_EPSILON = {"nll": 0.003, "accuracy": 0.01}
 
 
-def bisect_sigma(drop: Callable[[float], float], epsilon: float, low: float, high: float, steps: int
-                 ) -> tuple[float, list[tuple[float, bool]]]:
+def bisect_sigma(drop: Callable[[float], float], epsilon: float, low: float, high: float, steps: int,
+                 expand: int = 0) -> tuple[float, list[tuple[float, bool]]]:
     """The largest σ accepted (``drop(σ) <= epsilon``) among ``steps`` bisection midpoints of ``[low, high]``,
     or 0.0 when none was; with the trace ``[(σ, accepted), ...]`` in the order tried. Assumes ``drop`` grows
-    with σ (more noise, lower performance), as the paper does."""
+    with σ (more noise, lower performance), as the paper does.
+
+    ``expand`` > 0: first try ``high`` itself and, while it is accepted, double it (at most ``expand`` times),
+    so that a range set for another model cannot cap σ below the largest the tolerance allows; the bisection
+    then runs between the last accepted and the first rejected value (an accepted bound is a candidate too).
+    """
     best, trace = 0.0, []
+    for _ in range(expand):
+        accepted = drop(high) <= epsilon
+        trace.append((high, accepted))
+        if not accepted:
+            break
+        best, low, high = high, high, 2 * high
     for _ in range(steps):
         mid = (low + high) / 2
         accepted = drop(mid) <= epsilon
@@ -124,6 +139,7 @@ class TFB(MAP):
         sigma_min: float = 0.001,
         sigma_max: float = 0.015,
         steps: int = 5,
+        expand: int = 6,
         search_samples: int = 4,
         baseline: float | None = None,
         trace: Sequence[Mapping[str, Any]] = (),
@@ -141,9 +157,11 @@ class TFB(MAP):
             raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
         if steps < 1 or search_samples < 1:
             raise ValueError(f"steps and search_samples must be >= 1, got {steps} and {search_samples}")
+        if expand < 0:
+            raise ValueError(f"expand must be >= 0, got {expand}")
         self.sigma, self.metric, self.epsilon = float(sigma), metric, epsilon
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.steps, self.search_samples = int(steps), int(search_samples)
+        self.steps, self.expand, self.search_samples = int(steps), int(expand), int(search_samples)
         self.baseline = None if baseline is None else float(baseline)
         self.trace = [dict(t) for t in trace]
         self.default_scale = float(type(self).default_scale if default_scale is None else default_scale)
@@ -157,7 +175,8 @@ class TFB(MAP):
     def build(cls, model: nn.Module, cfg: RunConfig) -> TFB:
         """The run's ``tfb`` settings; the search averages as many draws as the ``tfb`` row's evaluation."""
         return cls(model, metric=cfg.tfb.metric, epsilon=cfg.tfb.epsilon or None, sigma_min=cfg.tfb.sigma_min,
-                   sigma_max=cfg.tfb.sigma_max, steps=cfg.tfb.steps, search_samples=cls.samples_for(cfg, cls.rows[0]))
+                   sigma_max=cfg.tfb.sigma_max, steps=cfg.tfb.steps, expand=cfg.tfb.expand,
+                   search_samples=cls.samples_for(cfg, cls.rows[0]))
 
     # ------------------------------------------------------------------ the family
     def collect(self, model: nn.Module) -> None:
@@ -245,7 +264,7 @@ class TFB(MAP):
                     values[sigma] = score(metrics.predictive(predictive(sigma)), labels[0])
                     return self._drop(baseline, values[sigma])
 
-                sigma, tried = bisect_sigma(drop, self.epsilon, self.sigma_min, self.sigma_max, self.steps)
+                sigma, tried = bisect_sigma(drop, self.epsilon, self.sigma_min, self.sigma_max, self.steps, self.expand)
         finally:
             model.train(was_training)
         self.sigma, self.baseline = sigma, baseline
@@ -258,5 +277,5 @@ class TFB(MAP):
 
     def hparams(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "metric": self.metric, "epsilon": self.epsilon, "sigma_min": self.sigma_min,
-                "sigma_max": self.sigma_max, "steps": self.steps, "search_samples": self.search_samples,
+                "sigma_max": self.sigma_max, "steps": self.steps, "expand": self.expand, "search_samples": self.search_samples,
                 "baseline": self.baseline, "trace": self.trace, "default_scale": self.default_scale}
