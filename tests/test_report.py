@@ -476,3 +476,34 @@ def test_interval_values_equal_the_stored_metrics_for_tiny_probabilities(tmp_pat
     nll = next(d for d in block["methods"] if d["method"] == "map")["nll"]["value"]
     assert nll == pytest.approx(stored["nll"], rel=1e-12)
     assert stored["nll"] == pytest.approx((4 * math.log(2 / (1 - 1e-9)) - 2 * math.log(1e-9)) / 6, rel=1e-9)  # by hand
+
+
+def test_cost_table_by_hand(tmp_path):
+    """Training seconds, evaluation seconds and posterior size per row, from hand-made member files: ``swag``
+    uses member 0's training run and posterior, ``multiswag`` both members', ``blob`` member 0's own training
+    (``done-blob.json``); ``+ts`` rows get no line of their own; the base model costs no training."""
+    methods = {"zero-shot": 1, "map": 1, "swag": 4, "multiswag": 4, "blob": 4, "map+ts": 1}
+    runs = [make_run(tmp_path, seed, methods) for seed in (0, 1)]
+    sizes = {"init": 10_000, "map": 1_000, "swag": 5_000, "blob": 2_000}
+    for k, run in enumerate(runs):
+        for i, train_seconds in enumerate((100.0 + k, 120.0)):
+            member = run / "members" / str(i)
+            for name, size in sizes.items():
+                (member / "posteriors" / name).mkdir(parents=True)
+                (member / "posteriors" / name / "posterior.safetensors").write_bytes(b"x" * size)
+                (member / "posteriors" / name / "posterior_config.json").write_bytes(b"{}" + b" " * 998)
+            (member / "done.json").write_text(json.dumps({"seed": k, "seconds": train_seconds}))
+            (member / "done-blob.json").write_text(json.dumps({"seed": k, "seconds": 30.0 * (i + 1)}))
+    results = R.collect_results(runs)
+    costs = results["costs"]
+    assert list(costs) == ["zero-shot", "map", "swag", "multiswag", "blob"]
+    mi = {m: i for i, m in enumerate(methods)}  # make_run's metrics.json seconds: 1 + seed + method index
+    want = {"zero-shot": (0.0, 0.0, 0.011), "map": (100.0, 101.0, 0.002), "swag": (100.0, 101.0, 0.006),
+            "multiswag": (220.0, 221.0, 0.012), "blob": (30.0, 30.0, 0.003)}
+    for m, (train0, train1, mb) in want.items():
+        assert costs[m]["train_seconds"]["values"] == [train0, train1]
+        assert costs[m]["eval_seconds"]["values"] == [1.0 + mi[m], 2.0 + mi[m]]
+        assert costs[m]["posterior_mb"]["values"] == pytest.approx([mb, mb])
+    report = R.write_report(results, tmp_path / "report").read_text()
+    table = next(t for t in parse_tables(report) if t[0] == ["Method", "Training s", "Evaluation s", "Posterior MB"])
+    assert table[1][3] == ["multiswag", "220.5000 ± 0.7071", f"{4.5:.4f} ± 0.7071", "0.0120 ± 0.0000"]

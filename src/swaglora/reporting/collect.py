@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics as M
-from ..posterior import row_names
+from ..posterior import row, row_names
 from .intervals import _intervals
 from .load import ROLES, _Entry, _Preds, _Run, _load_run, _raw_runs
 
@@ -118,6 +119,7 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
         "abstain_risk": None,
         "uncertain_questions": _uncertain(runs, methods, n_samples, ref, notes),
         "intervals": _intervals(runs, methods, [x for x in eval_sets if roles[x] != "validation"], notes),
+        "costs": _costs(runs, methods, ref),
         "format": {
             "decimals": DECIMALS,
             "rule": f"report.md prints every metric as f'{{x:.{DECIMALS}f}}' of the value in this "
@@ -128,6 +130,52 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
     if abstain_risk is not None:
         results = add_abstention(results, abstain_risk)
     return results
+
+
+def _member_dirs(run: _Run) -> list[Path]:
+    members = run.path / "members"
+    found = [d for d in members.iterdir() if d.is_dir() and d.name.isdigit()] if members.is_dir() else []
+    return sorted(found, key=lambda d: int(d.name))
+
+
+def _costs(runs: list[_Run], methods: list[str], ref: str | None) -> dict[str, dict[str, Any]]:
+    """What each row cost, per seed, from the run directories: ``train_seconds`` (the training runs of the members
+    its posterior comes from: ``done-<posterior>.json`` where the posterior trained its own member, else the
+    member's ``done.json``, MAP and collection phases together; 0 for the base model), ``eval_seconds`` (the row's
+    evaluation on every set, post-hoc fitting included: metrics.json's ``seconds``) and ``posterior_mb`` (the
+    files of its saved posteriors, MB = 10^6 bytes). ``+ts`` rows cost what their row does (one temperature)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        if "+" in m or m not in row_names():
+            continue
+        spec = row(m)
+        seeds, train, evals, sizes = [], [], [], []
+        for run in runs:
+            members = _member_dirs(run)
+            used = members if spec.all_members else members[:1]
+            posteriors = [d / "posteriors" / spec.saved for d in used]
+            if not used or not all(d.is_dir() for d in posteriors):
+                continue
+            seconds = 0.0
+            for d in used:
+                done = d / f"done-{spec.saved}.json"
+                done = done if done.is_file() else d / "done.json"
+                if not spec.before_training and done.is_file():
+                    seconds += float(_load_json(done).get("seconds") or 0.0)
+            entry = run.entries.get((ref, m)) if ref is not None else None
+            seeds.append(run.seed)
+            train.append(seconds)
+            evals.append(None if entry is None or entry.metrics.get("seconds") is None else float(entry.metrics["seconds"]))
+            sizes.append(sum(f.stat().st_size for d in posteriors for f in d.iterdir() if f.is_file()) / 1e6)
+        if seeds:
+            out[m] = {"train_seconds": _stat(seeds, train), "eval_seconds": _stat(seeds, evals),
+                      "posterior_mb": _stat(seeds, sizes)}
+    return out
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _load_runs(run_dirs: Iterable[str | Path] | str | Path, notes: list[str]) -> list[_Run]:

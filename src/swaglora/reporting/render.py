@@ -211,7 +211,24 @@ def _md_results(results: dict[str, Any]) -> list[str]:
     L += ["### Posterior samples per method", ""]
     L += _md_table(["Method", "Samples"], [[_md_escape(m), str(results["n_samples"][m])] for m in results["methods"]])
     L += _interval_tables(results)
+    L += _md_costs(results)
     return L
+
+
+def _md_costs(results: dict[str, Any]) -> list[str]:
+    """Training time, evaluation time and posterior size per row (mean ± std over seeds)."""
+    costs = results.get("costs") or {}
+    if not costs:
+        return []
+    L = ["## Cost", "",
+         "Training: seconds of the training runs of the members a row's posterior comes from (rows of one member "
+         "share its run, MAP and SWAG phases together; a method that trains its own member has its own; the "
+         "first training of a process also fills the lower-layer cache). Evaluation: seconds of the row on every "
+         "set, post-hoc fitting included (predictions shared with an earlier row are not counted again). "
+         "Posterior: the saved files the row loads, MB.", ""]
+    rows = [[_md_escape(m), format_cell(c["train_seconds"]), format_cell(c["eval_seconds"]), format_cell(c["posterior_mb"])]
+            for m, c in costs.items()]
+    return L + _md_table(["Method", "Training s", "Evaluation s", "Posterior MB"], rows)
 
 
 def _md_ood_and_selective(results: dict[str, Any]) -> list[str]:
