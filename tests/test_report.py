@@ -507,3 +507,38 @@ def test_cost_table_by_hand(tmp_path):
     report = R.write_report(results, tmp_path / "report").read_text()
     table = next(t for t in parse_tables(report) if t[0] == ["Method", "Training s", "Evaluation s", "Posterior MB"])
     assert table[1][3] == ["multiswag", "220.5000 ± 0.7071", f"{4.5:.4f} ± 0.7071", "0.0120 ± 0.0000"]
+
+
+def _readme_tables():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "readme_tables.py"
+    spec = importlib.util.spec_from_file_location("readme_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_tables_copy_the_report_numbers(built):
+    """scripts/readme_tables.py: every cell is the results.json value at 3 decimals (mean ± std over the two seeds),
+    the paired Δ to MAP with its interval and star, the best mean of a column in bold."""
+    _, results, out, _ = built
+    text = _readme_tables().tables(json.loads((out / "results.json").read_text()))
+    tables = parse_tables(text)
+    main_table = tables[0]
+    assert main_table[0] == ["method", "ACC", "ECE", "NLL", "Brier", "Δ ACC", "Δ ECE", "Δ NLL"]
+    by_method = {r[0]: r for r in main_table[1]}
+    for m in ("map", "swag"):
+        nll = results["metrics"][m]["arc_easy"]["nll"]
+        want = f"{nll['mean']:.3f} ± {nll['std']:.3f}"
+        assert by_method[m][3].strip("*") == want
+    best = min(results["metrics"][m]["arc_easy"]["nll"]["mean"] for m in results["methods"])
+    assert sum(r[3].startswith("**") for r in main_table[1]) >= 1
+    assert any(r[3] == f"**{best:.3f} ± {results['metrics'][r[0]]['arc_easy']['nll']['std']:.3f}**" for r in main_table[1])
+    block = next(b for b in results["intervals"] if b["eval_set"] == "arc_easy")
+    d = next(x for x in block["methods"] if x["method"] == "swag")["nll_diff"]
+    star = " *" if d["significant"] else ""
+    assert by_method["swag"][7] == f"{d['value']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]{star}".replace("-", "−")
+    assert by_method["map"][7] == "—"
+    assert [t[0][1:3] for t in tables[1:]] == [["arc_challenge ACC", "arc_challenge NLL"],
+                                                ["arc_challenge AUROC (entropy)", "arc_challenge AUROC (MI)"]]

@@ -1,0 +1,131 @@
+"""The README's result tables from a report's results.json (``swaglora report ... --out DIR`` writes it).
+
+    python scripts/readme_tables.py runs/arce-full/report/results.json [--methods map,swag,...]
+
+Prints three Markdown tables: the in-distribution test set (ACC, ECE, NLL, Brier as mean ± std over seeds, and
+the paired differences to MAP with their 95% bootstrap intervals, pooled over seeds: ``*`` where the interval
+excludes 0), the shift sets (ACC, NLL, Δ NLL) and OOD detection / selective prediction (AUROC by entropy and by
+MI per shift set, AURC on the test set). Every number is copied from results.json, rounded to 3 decimals; the
+best mean of a column (lowest, or highest for ACC and AUROC) is bold. Rows: every method of the report, or
+``--methods``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+HIGHER = {"accuracy", "ood_auroc_entropy", "ood_auroc_mi"}
+LABEL = {"accuracy": "ACC", "ece": "ECE", "nll": "NLL", "brier": "Brier", "aurc": "AURC",
+         "ood_auroc_entropy": "AUROC (entropy)", "ood_auroc_mi": "AUROC (MI)"}
+
+
+def _num(x: float | None, signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    text = f"{x:+.3f}" if signed else f"{x:.3f}"
+    return text.replace("-", "−")
+
+
+def _mean_std(stat: dict | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    if stat["n_seeds"] > 1:
+        return f"{_num(stat['mean'])} ± {_num(stat['std'])}"
+    return _num(stat["mean"])
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return ""
+    if d["lo"] == d["hi"] == d["value"]:
+        return _num(d["value"], signed=True)
+    star = " *" if d.get("significant") else ""
+    return f"{_num(d['value'], signed=True)} [{_num(d['lo'])}, {_num(d['hi'])}]{star}"
+
+
+def _best(results: dict, methods: list[str], s: str, key: str) -> float | None:
+    values = [results["metrics"].get(m, {}).get(s, {}).get(key, {}).get("mean") for m in methods]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if key in HIGHER else min(values)
+
+
+def _cell(results: dict, m: str, s: str, key: str, best: float | None) -> str:
+    stat = results["metrics"].get(m, {}).get(s, {}).get(key)
+    text = _mean_std(stat)
+    if stat and best is not None and stat.get("mean") == best:
+        text = f"**{text}**"
+    return text
+
+
+def _diffs(results: dict, s: str) -> dict[str, dict]:
+    block = next((b for b in results.get("intervals") or [] if b["eval_set"] == s), None)
+    return {d["method"]: d for d in block["methods"]} if block else {}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def tables(results: dict, methods: list[str] | None = None) -> str:
+    methods = [m for m in (methods or results["methods"]) if m in results["metrics"]]
+    roles = {s: results["sets"][s]["role"] for s in results["eval_sets"]}
+    test = results["reference_test_set"]
+    shifts = [s for s in results["eval_sets"] if roles[s] == "shift"]
+    out = []
+
+    keys = ("accuracy", "ece", "nll", "brier")
+    diffs = _diffs(results, test)
+    best = {k: _best(results, methods, test, k) for k in keys}
+    rows = [[m] + [_cell(results, m, test, k, best[k]) for k in keys]
+            + [_diff(diffs.get(m, {}).get(f"{k}_diff")) if m != "map" else "—" for k in ("accuracy", "ece", "nll")]
+            for m in methods]
+    n = results["sets"][test]["n"]
+    out.append(f"{test} test ({n} questions):\n\n" + _table(
+        ["method"] + [LABEL[k] for k in keys] + [f"Δ {LABEL[k]}" for k in ("accuracy", "ece", "nll")], rows))
+
+    if shifts:
+        header, cols = ["method"], []
+        for s in shifts:
+            header += [f"{s} ACC", f"{s} NLL", f"{s} Δ NLL"]
+            cols.append((s, _diffs(results, s), _best(results, methods, s, "accuracy"), _best(results, methods, s, "nll")))
+        rows = []
+        for m in methods:
+            row = [m]
+            for s, d, best_acc, best_nll in cols:
+                row += [_cell(results, m, s, "accuracy", best_acc), _cell(results, m, s, "nll", best_nll),
+                        _diff(d.get(m, {}).get("nll_diff")) if m != "map" else "—"]
+            rows.append(row)
+        out.append("Shift sets:\n\n" + _table(header, rows))
+
+        header, cols = ["method"], []
+        for s in shifts:
+            for key in ("ood_auroc_entropy", "ood_auroc_mi"):
+                header.append(f"{s} {LABEL[key]}")
+                cols.append((s, key))
+        header.append(f"{test} AURC")
+        cols.append((test, "aurc"))
+        best = {c: _best(results, methods, *c) for c in cols}
+        rows = [[m] + [_cell(results, m, s, key, best[(s, key)]) for s, key in cols] for m in methods]
+        out.append(f"OOD detection (AUROC, each shift set against {test} test) and selective prediction "
+                   f"(AURC on {test}, lower is better):\n\n" + _table(header, rows))
+    return "\n\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="results.json of swaglora report")
+    parser.add_argument("--methods", default="", help="comma-separated rows, in this order (default: all)")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    print(tables(results, [m for m in args.methods.split(",") if m] or None), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
