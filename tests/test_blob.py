@@ -257,6 +257,8 @@ def test_blob_paper_preset_and_bad_flags(tmp_path, capsys):
     assert (cfg.blob.eps, cfg.blob.prior_sigma, cfg.blob.kl_lr, cfg.blob.gamma, cfg.blob.samples) == (0.05, 0.2, 0.01, 8.0, 10)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (1e-4, 8, 8, 16.0, 0.0)
     assert cfg.model.max_length == 300 and cfg.blob.kl_reweighting
+    assert (cfg.tfb.sigma_min, cfg.tfb.sigma_max, cfg.tfb.steps, cfg.tfb.expand) == (0.001, 0.015, 5, 0)  # scripts/tfblora
+    assert RunConfig().tfb.expand == 6
     for flag, value in (("--blob-eps", "0"), ("--blob-prior-sigma", "-1"), ("--blob-samples", "0"), ("--blob-kl-lr", "-0.1")):
         assert main(["train", "--out", str(tmp_path / "never"), flag, value, "--quiet"]) == 2
         err = capsys.readouterr().err

@@ -61,6 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "blob.eps": 0.05, "blob.prior_sigma": 0.2, "blob.kl_lr": 0.01, "blob.gamma": 8.0,  # eps, beta, kllr, gamma
         "blob.kl_reweighting": True,  # --bayes-klreweighting (with --bayes-datasetrescaling: gamma > 0)
         "blob.samples": 10,  # --bayes-eval-n-samples-final 10
+        "tfb.expand": 0,  # their TFB scripts (scripts/tfblora/*.sh) bisect the fixed interval [0.001, 0.015]
         "data.train_limit": 0,
         "data.val_limit": 0,
         "eval.limit": 0,
