@@ -284,6 +284,42 @@ def test_run_with_tfb_and_evaluate_adds_it_to_a_run_without(tmp_path, tiny_model
         json.loads((with_tfb / "eval" / "test" / "tfb" / "metrics.json").read_text())["nll"], abs=1e-6)
 
 
+def test_tfb_at_the_blob_mean(tmp_path, tiny_model_dir, data_files, capsys):
+    """``tfb-blob``: TFB fitted at a BLoB member's variational mean. ``run --methods map,tfb-blob`` trains the BLoB
+    member it needs and fits TFB there: the posterior's point weights are BLoB's mean bit for bit, and its
+    sigma = 0 draws are that point. ``evaluate --methods tfb-blob`` on a run without BLoB is refused before the
+    model is loaded, naming what is missing; ``evaluate --methods tfb-blob`` on the finished run refits the same."""
+    from swaglora.posterior import BLoB
+
+    args = _args(tiny_model_dir, data_files)
+    run = tmp_path / "run"
+    assert main(["run", "--out", str(run), *args, "--methods", "map,tfb-blob"]) == 0
+    posteriors = run / "members" / "0" / "posteriors"
+    blob, fitted = load_posterior(posteriors / "blob"), load_posterior(posteriors / "tfb-blob")
+    assert isinstance(blob, BLoB) and type(fitted).__name__ == "TFBOnBLoB"
+    mean, point = blob.sample(scale=0.0), fitted.state_dict()
+    assert set(point) == set(mean) and all(torch.equal(point[k], mean[k]) for k in mean)
+    map_weights = load_posterior(posteriors / "map").state_dict()  # not the MAP: BLoB's mean differs from it
+    assert any(not torch.equal(map_weights[k], point[k]) for k in point)
+    assert (run / "eval" / "test" / "tfb-blob" / "metrics.json").is_file()
+    hp = fitted.hparams()
+    assert hp["sigma"] == max([t["sigma"] for t in hp["trace"] if t["accepted"]], default=0.0)
+
+    plain = tmp_path / "plain"
+    assert main(["train", "--out", str(plain), *args, "--methods", "map"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(plain), "--methods", "tfb-blob"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fitted at the 'blob' posterior" in err[0] and "train the run again with blob" in err[0]
+    assert not (plain / "eval").exists()
+
+    import shutil
+    shutil.rmtree(posteriors / "tfb-blob")
+    assert main(["evaluate", "--run", str(run), "--methods", "tfb-blob"]) == 0
+    again = load_posterior(posteriors / "tfb-blob")
+    assert again.hparams() == hp and all(torch.equal(again.state_dict()[k], point[k]) for k in point)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--tfb-metric", "ece"], "tfb.metric"),
     (["--tfb-sigma-min", "0.5", "--tfb-sigma-max", "0.2"], "sigma_min"),

@@ -85,8 +85,10 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
 
 
 def _needed_posteriors(rows: list[str]) -> list[str]:
-    """The methods whose posteriors the rows use, trained or fitted along with each member."""
-    return sorted({row(r).method for r in rows if not row(r).before_training})
+    """The methods whose posteriors the rows use (and those their post-hoc fits start from), trained or fitted
+    along with each member."""
+    methods = {row(r).method for r in rows if not row(r).before_training}
+    return sorted(methods | {get_method(m).fitted_at for m in methods if get_method(m).fitted_at})
 
 
 def member_seed(cfg: RunConfig, index: int) -> int:
@@ -118,7 +120,9 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
     """
     cfg = session.cfg
     needed = _needed_posteriors(rows)
-    names = [n for n in needed if not get_method(n).trains_own_member]
+    # a post-hoc fit at another posterior's point (``fitted_at``) waits for that posterior: it is fitted when
+    # first evaluated (:func:`add_posthoc_posterior`)
+    names = [n for n in needed if not get_method(n).trains_own_member and not get_method(n).fitted_at]
     for index in members:
         out = run_dir / "members" / str(index)
         if not (out / "done.json").is_file():
@@ -234,18 +238,22 @@ def fit_posthoc(session: Session, posterior: Posterior, seed: int) -> None:
 
 
 def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
-    """Fit a post-hoc method that a finished member was trained without, at that member's saved MAP weights,
-    so ``evaluate --methods laplace`` works on any run without retraining."""
+    """Fit a post-hoc method that a finished member was trained without, at that member's saved MAP weights (or
+    at the point estimate of the posterior the method names in ``fitted_at``), so ``evaluate --methods laplace``
+    works on any run without retraining."""
     cls = get_method(name)
     if cls.trajectory or cls.trains_own_member:
         raise ValueError(f"{member} has no '{name}' posterior and it can only be made by training; "
                          f"train the run again with it in --methods")
     if not session.train:
         raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
-    point = reference_row().saved  # the member's fine-tuned weights
-    map_weights = load_posterior(member / "posteriors" / point, model=session.model, expected_metadata=session.metadata)
+    point = cls.fitted_at or reference_row().saved  # the member's fine-tuned weights, or another posterior's point
+    if not (member / "posteriors" / point).is_dir():
+        raise ValueError(f"{member} has no '{point}' posterior, which '{name}' is fitted at; "
+                         f"train the run again with {point} in --methods")
+    start = load_posterior(member / "posteriors" / point, model=session.model, expected_metadata=session.metadata)
     seed = int(read_json(member / "done.json")["seed"])
-    with use_params(session.model, map_weights.sample()):
+    with use_params(session.model, start.sample(scale=0.0)):
         posterior = cls.build(session.model, session.cfg)
         fit_posthoc(session, posterior, seed)
     posterior.save(member / "posteriors" / name, session.metadata)

@@ -24,7 +24,7 @@ from .data import MCQExample
 from .io import read_json
 from .evaluate import requested_rows, row_unavailable
 from .members import check_schedule
-from .posterior import base_rows, row
+from .posterior import base_rows, get_method, row
 from .selection import base_examples, eval_data, training_data
 from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
 from .scoring import MAX_CHOICE_TOKENS, Scorer
@@ -166,6 +166,27 @@ def _check_rows(cfg: RunConfig) -> list[str]:
     for r, why in skipped.items():
         warn(f"--methods {r} is skipped: it {why}")
     return rows
+
+
+def _check_posteriors_can_be_made(runs: list[Path], rows: list[str]) -> None:
+    """``evaluate`` fits missing post-hoc posteriors; one that only training makes (SWAG, BLoB), or a post-hoc one
+    whose starting posterior (``fitted_at``) is missing, is an error here, before the model is loaded."""
+    try:
+        members = rundir.member_dirs(runs)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    for r in rows:
+        spec = row(r)
+        cls = get_method(spec.method)
+        for member in members:
+            if (member / "posteriors" / spec.saved).is_dir():
+                continue
+            if cls.trajectory or cls.trains_own_member:
+                raise ConfigError(f"--methods {r}: {member} has no '{spec.saved}' posterior and only training makes "
+                                  f"it; train the run again with {spec.method} in --methods (finished members are kept)")
+            if cls.fitted_at and not (member / "posteriors" / cls.fitted_at).is_dir():
+                raise ConfigError(f"--methods {r}: it is fitted at the '{cls.fitted_at}' posterior, which {member} "
+                                  f"does not have; train the run again with {cls.fitted_at} in --methods")
 
 
 def _warn_learning_rates(cfg: RunConfig) -> None:
@@ -325,5 +346,7 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     hashes = data_sha256(cfg, evaluating=command != "train")
     for run_dir in runs or ([] if overwrite else [out]):
         _check_data_unchanged(cfg, Path(run_dir), hashes)
+    if command == "evaluate":
+        _check_posteriors_can_be_made([Path(r) for r in runs], rows)
     _check_model(cfg, sets)
     return Plan(rows, hashes)

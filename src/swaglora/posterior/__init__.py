@@ -29,7 +29,7 @@ from swaglora.posterior.laplace import Laplace
 from swaglora.posterior.map import MAP
 from swaglora.posterior.matched import MatchedMAP
 from swaglora.posterior.swag import SWAG, SWAGDiag, SWAGState
-from swaglora.posterior.tfb import TFB
+from swaglora.posterior.tfb import TFB, TFBOnBLoB
 
 from swaglora.posterior.registry import (
     METHODS,
@@ -47,7 +47,7 @@ from swaglora.posterior.registry import (
     rows,
 )
 
-for _cls in (MAP, MatchedMAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB, TFB):
+for _cls in (MAP, MatchedMAP, SWAG, SWAGDiag, Ensemble, MCDropout, Laplace, BLoB, TFB, TFBOnBLoB):
     register(_cls)
 del _cls
 
@@ -63,6 +63,7 @@ __all__ = [
     "SWAGDiag",
     "SWAGState",
     "TFB",
+    "TFBOnBLoB",
     "Ensemble",
     "Laplace",
     "MCDropout",

@@ -91,6 +91,9 @@ class Posterior(ABC):
     # True: not collected along the MAP/SWAG trajectory: each member is trained again for this method, from a fresh
     # LoRA init with the member's seed, with the training hooks of member_training() (BLoB)
     trains_own_member: ClassVar[bool] = False
+    # post hoc only: the saved posterior (method name) of the member whose point estimate, ``sample(scale=0)``, the
+    # fit starts from; None = the reference row's (the MAP weights). TFB on a BLoB member's mean sets "blob".
+    fitted_at: ClassVar[str | None] = None
     # the results-table rows this method provides (read from the class itself, not inherited)
     rows: ClassVar[tuple[Row, ...]] = ()
 

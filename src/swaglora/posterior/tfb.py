@@ -279,3 +279,13 @@ class TFB(MAP):
         return {"sigma": self.sigma, "metric": self.metric, "epsilon": self.epsilon, "sigma_min": self.sigma_min,
                 "sigma_max": self.sigma_max, "steps": self.steps, "expand": self.expand, "search_samples": self.search_samples,
                 "baseline": self.baseline, "trace": self.trace, "default_scale": self.default_scale}
+
+
+class TFBOnBLoB(TFB):
+    """TFB fitted at a BLoB member's variational mean instead of the MAP weights (the paper's TFB on any trained
+    LoRA; ``fitted_at``): the noise family and search of :class:`TFB` around the mean of A, B and the head."""
+
+    name = "tfb-blob"
+    fitted_at = "blob"
+    rows = (Row("tfb-blob", 98, "TFB at the BLoB mean: the largest low-rank isotropic noise around BLoB's variational "
+                                "mean the validation metric tolerates"),)
