@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -507,6 +508,13 @@ def test_cost_table_by_hand(tmp_path):
     report = R.write_report(results, tmp_path / "report").read_text()
     table = next(t for t in parse_tables(report) if t[0] == ["Method", "Training s", "Evaluation s", "Posterior MB"])
     assert table[1][3] == ["multiswag", "220.5000 ± 0.7071", f"{4.5:.4f} ± 0.7071", "0.0120 ± 0.0000"]
+
+    # a row trained but not evaluated in a run (its posterior is there, its metrics are not) costs nothing there
+    late = make_run(tmp_path / "late", 2, {m: s for m, s in methods.items() if m != "blob"})
+    shutil.copytree(runs[1] / "members", late / "members")
+    costs = R.collect_results([runs[1], late])["costs"]
+    assert costs["blob"]["train_seconds"]["seeds"] == [1]
+    assert costs["blob"]["train_seconds"]["values"] == [30.0] and costs["map"]["train_seconds"]["seeds"] == [1, 2]
 
 
 def _readme_tables():

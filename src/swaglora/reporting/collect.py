@@ -154,18 +154,18 @@ def _costs(runs: list[_Run], methods: list[str], ref: str | None) -> dict[str, d
             members = _member_dirs(run)
             used = members if spec.all_members else members[:1]
             posteriors = [d / "posteriors" / spec.saved for d in used]
-            if not used or not all(d.is_dir() for d in posteriors):
-                continue
+            entry = run.entries.get((ref, m)) if ref is not None else None
+            if entry is None or not used or not all(d.is_dir() for d in posteriors):
+                continue  # a row this run did not evaluate (or trained but not yet evaluated) costs nothing here
             seconds = 0.0
             for d in used:
                 done = d / f"done-{spec.saved}.json"
                 done = done if done.is_file() else d / "done.json"
                 if not spec.before_training and done.is_file():
                     seconds += float(_load_json(done).get("seconds") or 0.0)
-            entry = run.entries.get((ref, m)) if ref is not None else None
             seeds.append(run.seed)
             train.append(seconds)
-            evals.append(None if entry is None or entry.metrics.get("seconds") is None else float(entry.metrics["seconds"]))
+            evals.append(None if entry.metrics.get("seconds") is None else float(entry.metrics["seconds"]))
             sizes.append(sum(f.stat().st_size for d in posteriors for f in d.iterdir() if f.is_file()) / 1e6)
         if seeds:
             out[m] = {"train_seconds": _stat(seeds, train), "eval_seconds": _stat(seeds, evals),
