@@ -249,11 +249,11 @@ def test_safetensors_views_of_one_storage_are_saved(tmp_path):
 
 
 def test_registry():
-    assert method_names() == ["blob", "dropout", "ensemble", "laplace", "map", "map-matched", "swag", "swag-diag", "tfb"] == sorted(METHODS)
+    assert method_names() == ["blob", "dropout", "ensemble", "laplace", "map", "map-matched", "swag", "swag-diag", "tfb", "tfb-blob"] == sorted(METHODS)
     assert get_method("swag") is SWAG and get_method("swag-diag") is SWAGDiag
     with pytest.raises(KeyError) as err:
         get_method("swg")
-    assert str(err.value) == "Unknown method 'swg'. Available: blob, dropout, ensemble, laplace, map, map-matched, swag, swag-diag, tfb"
+    assert str(err.value) == "Unknown method 'swg'. Available: blob, dropout, ensemble, laplace, map, map-matched, swag, swag-diag, tfb, tfb-blob"
     with pytest.raises(ValueError, match="Unknown method"):
         get_method("swg")
     with pytest.raises(ValueError, match="already registered"):
