@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 
+from swaglora.reporting.render import _md_table
+
 HIGHER = {"accuracy", "ood_auroc_entropy", "ood_auroc_mi"}
 LABEL = {"accuracy": "ACC", "ece": "ECE", "nll": "NLL", "brier": "Brier", "aurc": "AURC",
          "ood_auroc_entropy": "AUROC (entropy)", "ood_auroc_mi": "AUROC (MI)"}
@@ -68,8 +70,7 @@ def _diffs(results: dict, s: str) -> dict[str, dict]:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(_md_table(header, rows)).rstrip()  # the report's Markdown tables: text column, then numbers
 
 
 def tables(results: dict, methods: list[str] | None = None) -> str:

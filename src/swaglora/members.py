@@ -237,20 +237,30 @@ def fit_posthoc(session: Session, posterior: Posterior, seed: int) -> None:
                   validation=batches(session.validation), generator=draw_generator(seed, posterior.name))
 
 
+def posthoc_unavailable(member: Path, name: str) -> str | None:
+    """Why method ``name``'s posterior, missing from ``member``, cannot be fitted post hoc there, or None: only
+    training makes a trajectory or own-member posterior (SWAG, BLoB), and a ``fitted_at`` fit needs its start."""
+    cls = get_method(name)
+    if cls.trajectory or cls.trains_own_member:
+        return (f"{member} has no '{name}' posterior and only training makes it; "
+                f"train the run again with {name} in --methods (finished members are kept)")
+    if cls.fitted_at and not (member / "posteriors" / cls.fitted_at).is_dir():
+        return (f"'{name}' is fitted at the '{cls.fitted_at}' posterior, which {member} does not have; "
+                f"train the run again with {cls.fitted_at} in --methods")
+    return None
+
+
 def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:
     """Fit a post-hoc method that a finished member was trained without, at that member's saved MAP weights (or
     at the point estimate of the posterior the method names in ``fitted_at``), so ``evaluate --methods laplace``
     works on any run without retraining."""
-    cls = get_method(name)
-    if cls.trajectory or cls.trains_own_member:
-        raise ValueError(f"{member} has no '{name}' posterior and it can only be made by training; "
-                         f"train the run again with it in --methods")
+    why = posthoc_unavailable(member, name)
+    if why:
+        raise ValueError(why)
     if not session.train:
         raise ValueError(f"fitting '{name}' for {member} needs the training data of the run")
+    cls = get_method(name)
     point = cls.fitted_at or reference_row().saved  # the member's fine-tuned weights, or another posterior's point
-    if not (member / "posteriors" / point).is_dir():
-        raise ValueError(f"{member} has no '{point}' posterior, which '{name}' is fitted at; "
-                         f"train the run again with {point} in --methods")
     start = load_posterior(member / "posteriors" / point, model=session.model, expected_metadata=session.metadata)
     seed = int(read_json(member / "done.json")["seed"])
     with use_params(session.model, start.sample(scale=0.0)):

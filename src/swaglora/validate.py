@@ -23,8 +23,8 @@ from .config import ConfigError, ModelConfig, RunConfig
 from .data import MCQExample
 from .io import read_json
 from .evaluate import requested_rows, row_unavailable
-from .members import check_schedule
-from .posterior import base_rows, get_method, row
+from .members import check_schedule, posthoc_unavailable
+from .posterior import base_rows, row
 from .selection import base_examples, eval_data, training_data
 from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
 from .scoring import MAX_CHOICE_TOKENS, Scorer
@@ -177,16 +177,10 @@ def _check_posteriors_can_be_made(runs: list[Path], rows: list[str]) -> None:
         raise ConfigError(str(e)) from None
     for r in rows:
         spec = row(r)
-        cls = get_method(spec.method)
         for member in members:
-            if (member / "posteriors" / spec.saved).is_dir():
-                continue
-            if cls.trajectory or cls.trains_own_member:
-                raise ConfigError(f"--methods {r}: {member} has no '{spec.saved}' posterior and only training makes "
-                                  f"it; train the run again with {spec.method} in --methods (finished members are kept)")
-            if cls.fitted_at and not (member / "posteriors" / cls.fitted_at).is_dir():
-                raise ConfigError(f"--methods {r}: it is fitted at the '{cls.fitted_at}' posterior, which {member} "
-                                  f"does not have; train the run again with {cls.fitted_at} in --methods")
+            why = None if (member / "posteriors" / spec.saved).is_dir() else posthoc_unavailable(member, spec.method)
+            if why:
+                raise ConfigError(f"--methods {r}: {why}")
 
 
 def _warn_learning_rates(cfg: RunConfig) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any
 import numpy as np
 
 from .. import metrics as M
+from ..io import read_json
 from ..posterior import row, row_names
+from ..rundir import member_dirs
 from .intervals import _intervals
 from .load import ROLES, _Entry, _Preds, _Run, _load_run, _raw_runs
 
@@ -132,12 +133,6 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
     return results
 
 
-def _member_dirs(run: _Run) -> list[Path]:
-    members = run.path / "members"
-    found = [d for d in members.iterdir() if d.is_dir() and d.name.isdigit()] if members.is_dir() else []
-    return sorted(found, key=lambda d: int(d.name))
-
-
 def _costs(runs: list[_Run], methods: list[str], ref: str | None) -> dict[str, dict[str, Any]]:
     """What each row cost, per seed, from the run directories: ``train_seconds`` (the training runs of the members
     its posterior comes from: ``done-<posterior>.json`` where the posterior trained its own member, else the
@@ -151,7 +146,10 @@ def _costs(runs: list[_Run], methods: list[str], ref: str | None) -> dict[str, d
         spec = row(m)
         seeds, train, evals, sizes = [], [], [], []
         for run in runs:
-            members = _member_dirs(run)
+            try:
+                members = member_dirs([run.path])
+            except FileNotFoundError:  # evaluation files without the members (a copied report input)
+                continue
             used = members if spec.all_members else members[:1]
             posteriors = [d / "posteriors" / spec.saved for d in used]
             entry = run.entries.get((ref, m)) if ref is not None else None
@@ -162,7 +160,7 @@ def _costs(runs: list[_Run], methods: list[str], ref: str | None) -> dict[str, d
                 done = d / f"done-{spec.saved}.json"
                 done = done if done.is_file() else d / "done.json"
                 if not spec.before_training and done.is_file():
-                    seconds += float(_load_json(done).get("seconds") or 0.0)
+                    seconds += float(read_json(done).get("seconds") or 0.0)
             seeds.append(run.seed)
             train.append(seconds)
             evals.append(None if entry.metrics.get("seconds") is None else float(entry.metrics["seconds"]))
@@ -171,11 +169,6 @@ def _costs(runs: list[_Run], methods: list[str], ref: str | None) -> dict[str, d
             out[m] = {"train_seconds": _stat(seeds, train), "eval_seconds": _stat(seeds, evals),
                       "posterior_mb": _stat(seeds, sizes)}
     return out
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _load_runs(run_dirs: Iterable[str | Path] | str | Path, notes: list[str]) -> list[_Run]:
