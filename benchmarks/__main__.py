@@ -1,7 +1,8 @@
 """``python -m benchmarks [--quick] [--only NAME[,NAME...]]``: run the benchmarks, print a summary table.
 
 Writes ``benchmarks/results.json`` (``results-quick.json`` with ``--quick``, so a smoke test never
-overwrites real numbers); with ``--only`` the named entries are replaced and the others kept.
+overwrites real numbers); with ``--only`` the named entries are replaced and the others kept. Every entry records
+the machine and date it was measured on; the top-level ``machine`` and ``date`` are those of the latest run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     out_path = HERE / ("results-quick.json" if args.quick else "results.json")
     saved = json.loads(out_path.read_text()) if out_path.is_file() and args.only else {}
     results = saved.get("benchmarks", {})
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine()}
     for name in names:
         start = time.perf_counter()
         try:
@@ -61,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             result = {"bench": name, "error": traceback.format_exc(limit=3), "ratios": []}
         result["seconds"] = time.perf_counter() - start
+        # each entry keeps the machine and date it was measured on: --only mixes runs of different machines
+        result.update(date=info["date"], machine=info["machine"])
         results[name] = result
 
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine()}
     out_path.write_text(json.dumps({**info, "benchmarks": results}, indent=1) + "\n")
 
     print(f"\n== summary ({info['machine']['cpu']}, {info['machine']['cores']} cores, "
