@@ -4,8 +4,10 @@ chosen on the validation split only, then confirmed with 3 seeds and tested once
 Stages (each skips the runs that are already done, so an interrupted study continues where it stopped):
 
 1. ``screen``: one seed, one factor at a time around the base protocol. A *training* factor (SWAG learning rate,
-   snapshot schedule, rank K, SWAG epochs, LoRA placement, early stopping, members) trains one run per value; an
-   *evaluation* factor (samples S, covariance scale) re-evaluates the base run. Every run is scored with
+   snapshot schedule, rank K, SWAG epochs, LoRA placement, early stopping) trains one run per value; the *members*
+   factor trains one run with the most members, starting from the base run's member 0, and scores each smaller
+   count on a copy of its first members; an *evaluation* factor (samples S, covariance scale) re-evaluates the
+   base run. Every run is scored with
    ``swaglora evaluate --validation-only``: the test split is never loaded.
 2. ``confirm``: the base protocol and the protocol made of each factor's best value (by the validation NLL of the
    factor's row: ``swag``, or ``multiswag`` for members), with ``--seeds`` (3 by default), again on validation only.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,16 +46,18 @@ FACTORS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
                                     ("top 8, all linear", ["--lora-layers", "top:8"]),
                                     ("all, q_proj+v_proj", ["--lora-layers", "all", "--lora-targets", "q_proj,v_proj"])]),
     "early_stop": ("swag", "train", [("off", []), ("force_save 1", ["--swag-force-save", "1"])]),
-    # a MultiSWAG of one member is SWAG: the base run's swag row scores "1"
-    "members": ("multiswag", "train", [("1", []), ("2", ["--members", "2"]), ("5", ["--members", "5"])]),
+    # one run with the most members (its member 0 copied from the base run, whose seed and settings it shares), each
+    # smaller count a copy of its first members; a MultiSWAG of one member is SWAG: the base run's swag row scores "1"
+    "members": ("multiswag", "members", [("1", []), ("2", ["--members", "2"]), ("5", ["--members", "5"])]),
     "samples": ("swag", "eval", [("S=4", []), ("S=15", ["--samples", "15"]), ("S=30", ["--samples", "30"])]),
     "scale": ("swag", "eval", [("0.5 (swag's default)", []), ("1", ["--swag-scale", "1"]), ("2", ["--swag-scale", "2"]),
                                ("4", ["--swag-scale", "4"])]),
 }
 
-#: the tests' grid: two training factors and one evaluation factor, two values each
+#: the tests' grid: two training factors and one evaluation factor, two values each, and members 1, 2, 3
 TINY = {name: (row, kind, values[:2]) for name, (row, kind, values) in FACTORS.items()
         if name in ("swag_lr", "snapshots", "scale")}
+TINY["members"] = ("multiswag", "members", [("1", []), ("2", ["--members", "2"]), ("3", ["--members", "3"])])
 
 
 def _flags(values: list[tuple[str, list[str]]], label: str) -> list[str]:
@@ -70,22 +75,75 @@ class Study:
 
     def _train_flags(self, choice: dict[str, str]) -> list[str]:
         """The base flags plus the flags of each training factor's chosen value (none for base values)."""
-        return list(self.base) + [f for name, label in choice.items() if self.factors[name][1] == "train"
+        return list(self.base) + [f for name, label in choice.items() if self.factors[name][1] in ("train", "members")
                                   for f in _flags(self.factors[name][2], label)]
+
+    def _train_dir(self, train_flags: list[str], seed: int) -> Path:
+        return self.out / "runs" / f"{_slug(train_flags)}-seed{seed}"
+
+    def _seed_members(self, train_dir: Path, source: Path, members: int) -> None:
+        """Start ``train_dir`` (a run of ``members`` members) with ``source``'s finished member 0: the same seed and
+        settings but for the member count, so ``train`` skips it. The run marker and config are ``source``'s with
+        the count changed, so ``train`` resumes the directory instead of refusing it."""
+        if train_dir.exists() or not (source / "members" / "0" / "done.json").is_file():
+            return
+        tmp = train_dir.with_name(f".{train_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "members").mkdir(parents=True)
+        shutil.copy2(source / "swaglora_run.json", tmp / "swaglora_run.json")
+        shutil.copytree(source / "members" / "0", tmp / "members" / "0")
+        config = json.loads((source / "config.json").read_text())
+        config["posterior"]["members"] = members
+        atomic_write_json(tmp / "config.json", config)
+        tmp.rename(train_dir)
+
+    def _view(self, source: Path, members: int) -> Path:
+        """A copy of ``source`` holding its first ``members`` members (the config says so): a run of that many
+        members, since member ``i``'s training depends on the seed and ``i`` only. Predictions do not depend on
+        where a run lies, so it evaluates as the same members do in ``source``."""
+        view = source.with_name(f"{source.name}-first{members}")
+        if (view / "config.json").is_file():
+            return view
+        tmp = view.with_name(f".{view.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "members").mkdir(parents=True)
+        shutil.copy2(source / "swaglora_run.json", tmp / "swaglora_run.json")
+        for i in range(members):
+            shutil.copytree(source / "members" / str(i), tmp / "members" / str(i))
+        config = json.loads((source / "config.json").read_text())
+        config["posterior"]["members"] = members
+        atomic_write_json(tmp / "config.json", config)  # last: a view with a config is complete
+        tmp.rename(view)
+        return view
 
     def _eval_flags(self, choice: dict[str, str]) -> list[str]:
         return [f for name, label in choice.items() if self.factors[name][1] == "eval" for f in _flags(self.factors[name][2], label)]
 
-    def run(self, key: str, train_flags: list[str], eval_flags: list[str], seed: int, validation_only: bool = True) -> dict:
-        """Train (once per training setting and seed) and evaluate; returns the rows' validation (or test) metrics."""
-        if key in self.state["runs"]:
-            return self.state["runs"][key]
-        train_dir = self.out / "runs" / f"{_slug(train_flags)}-seed{seed}"
-        start = time.perf_counter()
-        if not (train_dir / "swaglora_run.json").is_file() or not all((train_dir / "members").glob("*/done.json")):
+    def _trained(self, train_dir: Path, train_flags: list[str], seed: int) -> None:
+        members = json.loads((train_dir / "config.json").read_text())["posterior"]["members"] if (train_dir / "config.json").is_file() else None
+        done = (train_dir / "swaglora_run.json").is_file() and members is not None and all(
+            (train_dir / "members" / str(i) / "done.json").is_file() for i in range(members))
+        if not done:
             code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *train_flags, "--quiet"])
             if code:
                 raise SystemExit(f"training {train_dir} failed ({code})")
+
+    def run(self, key: str, train_flags: list[str], eval_flags: list[str], seed: int, validation_only: bool = True,
+            members_from: list[str] | None = None) -> dict:
+        """Train (once per training setting and seed) and evaluate; returns the rows' validation (or test) metrics.
+
+        ``members_from``: the train flags of a run with more members: evaluate a copy of its first members (the
+        count that ``train_flags`` asks for) instead of training this setting on its own."""
+        if key in self.state["runs"]:
+            return self.state["runs"][key]
+        start = time.perf_counter()
+        if members_from is None:
+            train_dir = self._train_dir(train_flags, seed)
+            self._trained(train_dir, train_flags, seed)
+        else:
+            source = self._train_dir(members_from, seed)
+            self._trained(source, members_from, seed)
+            train_dir = self._view(source, _members(train_flags))
         trained = time.perf_counter() - start
         eval_dir = self.out / "eval" / key
         code = swaglora(["evaluate", "--run", str(train_dir), "--out", str(eval_dir), *eval_flags, "--quiet",
@@ -108,12 +166,19 @@ class Study:
         start = time.perf_counter()
         base = {name: values[0][0] for name, (_, _, values) in self.factors.items()}
         best = {}
-        for name, (row, _, values) in self.factors.items():
+        for name, (row, kind, values) in self.factors.items():
             scores = {}
-            for label, _ in values:
+            largest = None
+            if kind == "members":  # one run with the most members, started with the base run's member 0
+                largest = self._train_flags({**base, name: max(values, key=lambda v: _members(v[1]))[0]})
+                base_dir = self._train_dir(self._train_flags(base), self.seeds[0])
+                self._trained(base_dir, self._train_flags(base), self.seeds[0])
+                self._seed_members(self._train_dir(largest, self.seeds[0]), base_dir, _members(largest))
+            for label, flags in values:
                 choice = {**base, name: label}
+                shared = largest if largest is not None and flags and _members(flags) != _members(largest) else None
                 record = self.run(f"screen/{name}/{_slug([label])}", self._train_flags(choice), self._eval_flags(choice),
-                                  self.seeds[0])
+                                  self.seeds[0], members_from=shared)
                 scores[label] = _score(record, row)
             best[name] = min(scores, key=scores.get)
         self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "base": base}
@@ -144,6 +209,12 @@ class Study:
             self.run(f"test/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed, validation_only=False)
         self.state["stages"]["test"] = {"seconds": time.perf_counter() - start}
         self._save()
+
+
+def _members(flags: list[str]) -> int:
+    """The member count a flag list asks for (the last ``--members``; 1 without one, the study's base)."""
+    counts = [int(flags[i + 1]) for i, f in enumerate(flags[:-1]) if f == "--members"]
+    return counts[-1] if counts else 1
 
 
 def _score(record: dict, row: str) -> float:

@@ -121,3 +121,26 @@ def test_moments_stay_fp32_under_a_bf16_model(name, tiny_model_dir):
     assert all(v.dtype in (torch.float32, torch.float64) for v in state.values() if v.is_floating_point())
     draws = posterior.draws(2, generator=torch.Generator().manual_seed(0))
     assert {v.dtype for d in draws for v in d.values()} == {torch.float32}
+
+
+_OTHER_SETTINGS = {"tfb.metric": "accuracy", "tfb.epsilon": 0.02, "tfb.sigma_min": 0.002, "tfb.sigma_max": 0.03,
+                   "tfb.steps": 3, "tfb.expand": 2, "laplace.subset": "last-layer", "laplace.prior_precision": 2.0,
+                   "swag.max_rank": 3, "blob.prior_sigma": 0.3, "blob.eps": 0.04}
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if not issubclass(get_method(n), Ensemble)])
+def test_settings_are_what_build_takes_and_hparams_records(name, setup):
+    """``settings(cfg)`` is how ``evaluate`` tells that a saved posterior was made under other flags: each entry
+    must be the value ``build(model, cfg).hparams()`` records, under a config key with a flag, and must follow
+    the config (a non-default config changes it), else the check would fire always or never."""
+    from swaglora.config import RunConfig, apply_overrides, flag_of
+
+    model = setup[0]
+    cls = get_method(name)
+    for cfg in (RunConfig(), apply_overrides(RunConfig(), _OTHER_SETTINGS)):
+        settings = cls.settings(cfg)
+        hparams = cls.build(model, cfg).hparams()
+        assert {h: hparams[h] for h in settings} == {h: v for h, (v, _) in settings.items()}
+        assert all(flag_of(key).startswith("--") for _, key in settings.values())
+    if cls.settings(RunConfig()):
+        assert cls.settings(RunConfig()) != cls.settings(apply_overrides(RunConfig(), _OTHER_SETTINGS))

@@ -23,6 +23,9 @@ def study_module():
 
 
 def _nll(eval_dir: Path, row: str, eval_set: str = "validation") -> float:
+    """The row's NLL from its metrics file; a one-member run has no ``multiswag`` row: its ``swag`` row scores it."""
+    if row == "multiswag" and not (eval_dir / "eval" / eval_set / row).is_dir():
+        row = "swag"
     return json.loads((eval_dir / "eval" / eval_set / row / "metrics.json").read_text())["nll"]
 
 
@@ -31,7 +34,7 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     test = write_jsonl(tmp_path / "test.jsonl", make_examples(12, 1, "te"))
     base = ["--model", str(tiny_model_dir), "--scoring", "cloze", "--data", str(train), "--test-data", str(test),
             "--shift", "", "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--swag-max-rank", "2",
-            "--batch-size", "8", "--lora-r", "2", "--members", "1", "--samples", "2", "--methods", "map,swag",
+            "--batch-size", "8", "--lora-r", "2", "--members", "1", "--samples", "2", "--methods", "map,swag,multiswag",
             "--dtype", "float32"]
     out, report = tmp_path / "study", tmp_path / "docs" / "protocol-study.md"
     assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
@@ -47,6 +50,24 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     # the base value of every factor shares one training run
     base_runs = {runs[f"screen/{name}/{study_module._slug([values[0][0]])}"]["train_dir"] for name, (_, _, values) in study_module.TINY.items()}
     assert len(base_runs) == 1
+    # members: one 3-member run whose member 0 is the base run's (copied, not trained again); "2" is a copy of its
+    # first two members; member 0's swag row is the same in all three, draw for draw
+    record = {label: runs[f"screen/members/{study_module._slug([label])}"] for label in ("1", "2", "3")}
+    base_dir, two, three = (Path(record[k]["train_dir"]) for k in ("1", "2", "3"))
+
+    def files(member: Path) -> dict:
+        return {p.relative_to(member): p.read_bytes() for p in sorted(member.rglob("*")) if p.is_file()}
+
+    assert sorted(p.name for p in (three / "members").iterdir()) == ["0", "1", "2"]
+    assert sorted(p.name for p in (two / "members").iterdir()) == ["0", "1"]
+    assert files(three / "members" / "0") == files(base_dir / "members" / "0")
+    assert all(files(two / "members" / str(i)) == files(three / "members" / str(i)) for i in (0, 1))
+    assert json.loads((two / "config.json").read_text())["posterior"]["members"] == 2
+    assert files(three / "members" / "1") != files(three / "members" / "2")  # trained, with their own seeds
+    swag = [_nll(Path(record[k]["eval_dir"]), "swag") for k in ("1", "2", "3")]
+    assert swag[0] == swag[1] == swag[2]
+    scores = {"1": swag[0], **{k: _nll(Path(record[k]["eval_dir"]), "multiswag") for k in ("2", "3")}}
+    assert len(set(scores.values())) == 3 and state["stages"]["screen"]["best"]["members"] == min(scores, key=scores.get)
     # confirm: the protocol with the lower mean validation NLL over both seeds
     confirm = state["stages"]["confirm"]
     for name, mean in confirm["mean_validation_nll"].items():

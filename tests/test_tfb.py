@@ -332,3 +332,47 @@ def test_bad_tfb_flags_are_one_line(tmp_path, tiny_model_dir, data_files, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_evaluate_refuses_to_reuse_a_tfb_fitted_with_other_settings(tmp_path, tiny_model_dir, data_files, capsys, monkeypatch):
+    """A TFB saved with the NLL criterion is not silently reused by ``evaluate --tfb-metric accuracy``: a one-line
+    error names the flag, the saved and the asked value, before the model is loaded, and nothing is written. The
+    same settings (or another sample count) reuse it. The remedy the message gives (a copy of the run without the
+    saved TFB) fits a TFB with the accuracy criterion and leaves the original run as it was."""
+    import shutil
+
+    from swaglora import members
+
+    args = _args(tiny_model_dir, data_files)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *args, "--methods", "map,tfb"]) == 0
+    saved_dir = run / "members" / "0" / "posteriors" / "tfb"
+    before = {p.name: p.read_bytes() for p in saved_dir.iterdir()}
+    assert json.loads((saved_dir / "posterior_config.json").read_text())["hparams"]["metric"] == "nll"
+
+    def forbidden(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(members, "load_model", forbidden)
+        capsys.readouterr()
+        for flags, named in ((["--tfb-metric", "accuracy"], "--tfb-metric 'nll' (this command: 'accuracy')"),
+                             (["--tfb-epsilon", "0.02"], "--tfb-epsilon 0.01 (this command: 0.02)"),
+                             (["--tfb-steps", "2", "--tfb-expand", "0"], "--tfb-steps 5 (this command: 2), --tfb-expand 6 (this command: 0)")):
+            assert main(["evaluate", "--run", str(run), "--methods", "tfb", *flags, "--quiet"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and named in err[0] and str(saved_dir) in err[0] and "copy the run" in err[0], err
+    assert not (run / "eval").exists()
+    assert {p.name: p.read_bytes() for p in saved_dir.iterdir()} == before
+
+    assert main(["evaluate", "--run", str(run), "--methods", "tfb", "--samples", "2", "--quiet"]) == 0  # not a TFB setting
+    assert {p.name: p.read_bytes() for p in saved_dir.iterdir()} == before
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "members" / "0" / "posteriors" / "tfb")
+    assert main(["evaluate", "--run", str(copy), "--methods", "tfb", "--tfb-metric", "accuracy", "--quiet"]) == 0
+    refit = json.loads((copy / "members" / "0" / "posteriors" / "tfb" / "posterior_config.json").read_text())["hparams"]
+    assert refit["metric"] == "accuracy" and refit["epsilon"] == 0.01
+    assert all("accuracy" in t and "nll" not in t for t in refit["trace"])
+    assert {p.name: p.read_bytes() for p in saved_dir.iterdir()} == before

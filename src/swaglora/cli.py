@@ -13,20 +13,10 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import SECTIONS, ConfigError, RunConfig, apply_overrides, load_config_file
+from .config import SECTIONS, ConfigError, RunConfig, apply_overrides, flag_names, load_config_file
 from .presets import PRESETS
 
 __all__ = ["main", "build_parser"]
-
-_UNPREFIXED = {"model", "data", "train", "eval"}  # these sections' flags carry no section prefix
-
-
-def _flags(section: str, f) -> list[str]:
-    if "flag" in f.metadata:
-        flag = f.metadata["flag"]
-        return list(flag) if isinstance(flag, tuple) else [flag]
-    name = f.name.replace("_", "-")
-    return [f"--{name}" if section in _UNPREFIXED else f"--{section}-{name}"]
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]) -> None:
@@ -43,7 +33,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["metavar"] = hints[f.name].__name__.upper()
-            flags = _flags(section, f)
+            flags = flag_names(section, f)
             if section == "train" and f.name == "epochs":
                 flags.append("--swag-start")  # the paper's name: MAP epochs before SWAG collection starts
             group.add_argument(*flags, **kwargs)

@@ -32,6 +32,8 @@ __all__ = [
     "load_config_file",
     "config_from_dict",
     "config_to_dict",
+    "flag_names",
+    "flag_of",
 ]
 
 
@@ -332,6 +334,30 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+#: these sections' command-line flags carry no section prefix (``--lr``, not ``--train-lr``)
+UNPREFIXED_SECTIONS = frozenset({"model", "data", "train", "eval"})
+
+
+def flag_names(section: str, f: Any) -> list[str]:
+    """The command-line flags of config field ``f`` of ``section`` (its own ``flag=`` or ``--[section-]name``)."""
+    if "flag" in f.metadata:
+        flag = f.metadata["flag"]
+        return list(flag) if isinstance(flag, tuple) else [flag]
+    name = f.name.replace("_", "-")
+    return [f"--{name}" if section in UNPREFIXED_SECTIONS else f"--{section}-{name}"]
+
+
+def flag_of(key: str) -> str:
+    """The (first) command-line flag that sets config key ``"section.name"``, e.g. ``tfb.metric`` -> ``--tfb-metric``."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise KeyError(f"unknown config section in {key!r}")
+    by_name = {f.name: f for f in fields(_section_class(section))}
+    if name not in by_name:
+        raise KeyError(f"unknown config key {key!r}")
+    return flag_names(section, by_name[name])[0]
 
 
 def _valid_keys() -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import checkpoint, distributed
 from ._version import __version__
-from .config import RunConfig
+from .config import RunConfig, flag_of
 from .data import MCQExample
 from .io import atomic_write_json, read_json
 from .models import LoadedModel, add_lora, init_lora, load_model, model_fingerprint
@@ -28,7 +28,7 @@ from .selection import training_data
 from .train import fit
 
 __all__ = ["Session", "open_session", "check_schedule", "member_seed", "draw_generator", "train_members",
-           "train_own_member", "fit_posthoc", "add_posthoc_posterior"]
+           "train_own_member", "fit_posthoc", "add_posthoc_posterior", "saved_settings_differ"]
 
 
 @dataclass
@@ -248,6 +248,29 @@ def posthoc_unavailable(member: Path, name: str) -> str | None:
         return (f"'{name}' is fitted at the '{cls.fitted_at}' posterior, which {member} does not have; "
                 f"train the run again with {cls.fitted_at} in --methods")
     return None
+
+
+def saved_settings_differ(member: Path, name: str, cfg: RunConfig) -> str | None:
+    """Why ``member``'s saved ``name`` posterior cannot serve this config, or None: it was fitted or trained with
+    other values of the settings its method takes from the config (:meth:`Posterior.settings`), e.g.
+    ``evaluate --tfb-metric accuracy`` on a run whose TFB searched its noise level by NLL. A saved posterior is
+    never refitted in place: the results made with it would no longer match it."""
+    directory = member / "posteriors" / name
+    if not (directory / CONFIG_NAME).is_file():
+        return None
+    cls = get_method(name)
+    saved = read_json(directory / CONFIG_NAME).get("hparams", {})
+    changed = [(key, saved[h], value) for h, (value, key) in cls.settings(cfg).items() if h in saved and saved[h] != value]
+    if not changed:
+        return None
+    what = ", ".join(f"{flag_of(key)} {old!r} (this command: {new!r})" for key, old, new in changed)
+    verb = "trained" if cls.trajectory or cls.trains_own_member else "fitted"
+    if verb == "trained":
+        remedy = f"only training makes it: train a new run with these settings, or leave {'them' if len(changed) > 1 else 'it'} as the run has"
+    else:
+        remedy = (f"a saved posterior is not refitted in place; to fit it with these settings, copy the run (predictions "
+                  f"do not depend on its path) and remove members/*/posteriors/{name} in the copy, then evaluate the copy")
+    return f"{directory} was {verb} with {what}; {remedy}"
 
 
 def add_posthoc_posterior(session: Session, member: Path, name: str) -> None:

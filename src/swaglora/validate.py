@@ -23,7 +23,7 @@ from .config import ConfigError, ModelConfig, RunConfig
 from .data import MCQExample
 from .io import read_json
 from .evaluate import requested_rows, row_unavailable
-from .members import check_schedule, posthoc_unavailable
+from .members import check_schedule, posthoc_unavailable, saved_settings_differ
 from .posterior import base_rows, row
 from .selection import base_examples, eval_data, training_data
 from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
@@ -181,6 +181,18 @@ def _check_posteriors_can_be_made(runs: list[Path], rows: list[str]) -> None:
             why = None if (member / "posteriors" / spec.saved).is_dir() else posthoc_unavailable(member, spec.method)
             if why:
                 raise ConfigError(f"--methods {r}: {why}")
+
+
+def _check_saved_settings(cfg: RunConfig, members: list[Path], rows: list[str]) -> None:
+    """A saved posterior that a row would reuse must have the settings this command asks for (``--tfb-metric``,
+    ``--laplace-subset``, ``--swag-max-rank`` ...): one made with others is an error naming the flag, before any
+    model is loaded, not a silent reuse. (A resumed ``run``/``train`` with other settings is refused whole by
+    :func:`rundir.save_config`.)"""
+    for name in sorted({row(r).saved for r in rows if not row(r).before_training}):
+        for member in members:
+            why = saved_settings_differ(member, name, cfg)
+            if why:
+                raise ConfigError(why)
 
 
 def _warn_learning_rates(cfg: RunConfig) -> None:
@@ -342,5 +354,6 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
         _check_data_unchanged(cfg, Path(run_dir), hashes)
     if command == "evaluate":
         _check_posteriors_can_be_made([Path(r) for r in runs], rows)
+        _check_saved_settings(cfg, rundir.member_dirs([Path(r) for r in runs]), rows)
     _check_model(cfg, sets)
     return Plan(rows, hashes)

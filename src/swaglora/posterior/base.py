@@ -98,9 +98,16 @@ class Posterior(ABC):
     rows: ClassVar[tuple[Row, ...]] = ()
 
     @classmethod
+    def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+        """The hyper-parameters a run's config decides: ``{hparams key: (value, config key)}``, the values as the
+        saved ``hparams()`` records them. A post-hoc posterior saved with other values was fitted under other
+        settings: ``evaluate`` refuses to reuse it (:func:`swaglora.members.posthoc_settings_differ`)."""
+        return {}
+
+    @classmethod
     def build(cls, model: nn.Module, cfg: RunConfig) -> Posterior:
         """A new posterior over ``model``'s trainable weights with the settings of a run's config."""
-        return cls(model)
+        return cls(model, **{k: v for k, (v, _) in cls.settings(cfg).items()})
 
     @classmethod
     def samples_for(cls, cfg: RunConfig, row: Row) -> int:

@@ -128,8 +128,8 @@ class BLoB(Posterior):
         self.reset(0)
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: RunConfig) -> BLoB:
-        return cls(model, prior_sigma=cfg.blob.prior_sigma, eps=cfg.blob.eps)
+    def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+        return {"prior_sigma": (float(cfg.blob.prior_sigma), "blob.prior_sigma"), "eps": (float(cfg.blob.eps), "blob.eps")}
 
     @classmethod
     def samples_for(cls, cfg: RunConfig, row: Row) -> int:

@@ -125,8 +125,10 @@ class Laplace(Posterior):
             self.collect(model)
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: RunConfig) -> Laplace:
-        return cls(model, subset=cfg.laplace.subset, prior_precision=cfg.laplace.prior_precision or None)
+    def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+        """The run's ``laplace`` section: the subset and the fixed prior precision (None: marginal likelihood)."""
+        return {"subset": (cfg.laplace.subset, "laplace.subset"),
+                "prior_precision": (float(cfg.laplace.prior_precision) or None, "laplace.prior_precision")}
 
     @classmethod
     def samples_for(cls, cfg: RunConfig, row: Row) -> int:

@@ -88,8 +88,8 @@ class SWAG(Posterior):
         self.state = SWAGState(zeros(self.num_params), zeros(self.num_params), zeros(self.max_rank, self.num_params))
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: RunConfig) -> SWAG:
-        return cls(model, max_rank=cfg.swag.max_rank)
+    def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+        return {"max_rank": (int(cfg.swag.max_rank), "swag.max_rank")}
 
     def collect(self, model: nn.Module) -> None:
         theta = flatten(self._read(model), dtype=self.dtype, device=self.device)
@@ -178,8 +178,8 @@ class SWAGDiag(SWAG):
         super().__init__(model, 0, var_clamp, dtype, device, default_scale)
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: RunConfig) -> SWAGDiag:
-        return cls(model)
+    def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+        return {}  # no rank
 
     def hparams(self) -> dict[str, Any]:
         return {k: v for k, v in super().hparams().items() if k != "max_rank"}

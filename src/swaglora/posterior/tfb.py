@@ -172,11 +172,20 @@ class TFB(MAP):
             raise ValueError("TFB needs peft LoRA weights (pairs of '.lora_A.' / '.lora_B.' parameters); none are trainable")
 
     @classmethod
+    def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
+        """The run's ``tfb`` section (ε 0 resolved to the paper's for the metric)."""
+        t = cfg.tfb
+        return {"metric": (t.metric, "tfb.metric"),
+                "epsilon": (float(t.epsilon or PAPER_EPSILON[t.metric]), "tfb.epsilon"),
+                "sigma_min": (float(t.sigma_min), "tfb.sigma_min"), "sigma_max": (float(t.sigma_max), "tfb.sigma_max"),
+                "steps": (int(t.steps), "tfb.steps"), "expand": (int(t.expand), "tfb.expand")}
+
+    @classmethod
     def build(cls, model: nn.Module, cfg: RunConfig) -> TFB:
-        """The run's ``tfb`` settings; the search averages as many draws as the ``tfb`` row's evaluation."""
-        return cls(model, metric=cfg.tfb.metric, epsilon=cfg.tfb.epsilon or None, sigma_min=cfg.tfb.sigma_min,
-                   sigma_max=cfg.tfb.sigma_max, steps=cfg.tfb.steps, expand=cfg.tfb.expand,
-                   search_samples=cls.samples_for(cfg, cls.rows[0]))
+        """The :meth:`settings`; the search averages as many draws as the row's evaluation (``posterior.samples``).
+        That count is recorded (``search_samples``) but not a setting a saved TFB must match: evaluating it with
+        more draws (``--samples``) is allowed, as for every sampled row."""
+        return cls(model, **{k: v for k, (v, _) in cls.settings(cfg).items()}, search_samples=cls.samples_for(cfg, cls.rows[0]))
 
     # ------------------------------------------------------------------ the family
     def collect(self, model: nn.Module) -> None:
