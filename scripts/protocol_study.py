@@ -81,49 +81,31 @@ class Study:
     def _train_dir(self, train_flags: list[str], seed: int) -> Path:
         return self.out / "runs" / f"{_slug(train_flags)}-seed{seed}"
 
-    def _seed_members(self, train_dir: Path, source: Path, members: int) -> None:
-        """Start ``train_dir`` (a run of ``members`` members) with ``source``'s finished member 0: the same seed and
-        settings but for the member count, so ``train`` skips it. The run marker and config are ``source``'s with
-        the count changed, so ``train`` resumes the directory instead of refusing it."""
-        if train_dir.exists() or not (source / "members" / "0" / "done.json").is_file():
-            return
-        tmp = train_dir.with_name(f".{train_dir.name}.tmp")
+    @staticmethod
+    def _copy_members(source: Path, dest: Path, copied: int, members: int) -> None:
+        """Make ``dest`` a run of ``members`` members holding ``source``'s first ``copied`` finished ones: its run
+        marker, and its config with the member count changed (so ``train`` resumes ``dest`` and trains only the
+        missing members; member ``i``'s training depends on the seed and ``i`` only). Written beside ``dest`` and
+        renamed into place; predictions do not depend on where a run lies."""
+        tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "members").mkdir(parents=True)
         shutil.copy2(source / "swaglora_run.json", tmp / "swaglora_run.json")
-        shutil.copytree(source / "members" / "0", tmp / "members" / "0")
-        config = json.loads((source / "config.json").read_text())
-        config["posterior"]["members"] = members
-        atomic_write_json(tmp / "config.json", config)
-        tmp.rename(train_dir)
-
-    def _view(self, source: Path, members: int) -> Path:
-        """A copy of ``source`` holding its first ``members`` members (the config says so): a run of that many
-        members, since member ``i``'s training depends on the seed and ``i`` only. Predictions do not depend on
-        where a run lies, so it evaluates as the same members do in ``source``."""
-        view = source.with_name(f"{source.name}-first{members}")
-        if (view / "config.json").is_file():
-            return view
-        tmp = view.with_name(f".{view.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "members").mkdir(parents=True)
-        shutil.copy2(source / "swaglora_run.json", tmp / "swaglora_run.json")
-        for i in range(members):
+        for i in range(copied):
             shutil.copytree(source / "members" / str(i), tmp / "members" / str(i))
         config = json.loads((source / "config.json").read_text())
         config["posterior"]["members"] = members
-        atomic_write_json(tmp / "config.json", config)  # last: a view with a config is complete
-        tmp.rename(view)
-        return view
+        atomic_write_json(tmp / "config.json", config)
+        tmp.rename(dest)
 
     def _eval_flags(self, choice: dict[str, str]) -> list[str]:
         return [f for name, label in choice.items() if self.factors[name][1] == "eval" for f in _flags(self.factors[name][2], label)]
 
     def _trained(self, train_dir: Path, train_flags: list[str], seed: int) -> None:
-        members = json.loads((train_dir / "config.json").read_text())["posterior"]["members"] if (train_dir / "config.json").is_file() else None
-        done = (train_dir / "swaglora_run.json").is_file() and members is not None and all(
-            (train_dir / "members" / str(i) / "done.json").is_file() for i in range(members))
-        if not done:
+        """Train ``train_dir`` unless every member its config names has finished."""
+        config = train_dir / "config.json"
+        members = json.loads(config.read_text())["posterior"]["members"] if config.is_file() else 0
+        if not members or not all((train_dir / "members" / str(i) / "done.json").is_file() for i in range(members)):
             code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *train_flags, "--quiet"])
             if code:
                 raise SystemExit(f"training {train_dir} failed ({code})")
@@ -143,7 +125,10 @@ class Study:
         else:
             source = self._train_dir(members_from, seed)
             self._trained(source, members_from, seed)
-            train_dir = self._view(source, _members(train_flags))
+            count = _members(train_flags)
+            train_dir = source.with_name(f"{source.name}-first{count}")  # a copy of its first members
+            if not (train_dir / "config.json").is_file():
+                self._copy_members(source, train_dir, count, count)
         trained = time.perf_counter() - start
         eval_dir = self.out / "eval" / key
         code = swaglora(["evaluate", "--run", str(train_dir), "--out", str(eval_dir), *eval_flags, "--quiet",
@@ -173,7 +158,9 @@ class Study:
                 largest = self._train_flags({**base, name: max(values, key=lambda v: _members(v[1]))[0]})
                 base_dir = self._train_dir(self._train_flags(base), self.seeds[0])
                 self._trained(base_dir, self._train_flags(base), self.seeds[0])
-                self._seed_members(self._train_dir(largest, self.seeds[0]), base_dir, _members(largest))
+                start_dir = self._train_dir(largest, self.seeds[0])
+                if not start_dir.exists():  # the base run's member 0 is this run's: copy it, train the others
+                    self._copy_members(base_dir, start_dir, 1, _members(largest))
             for label, flags in values:
                 choice = {**base, name: label}
                 shared = largest if largest is not None and flags and _members(flags) != _members(largest) else None

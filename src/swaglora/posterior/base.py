@@ -100,8 +100,8 @@ class Posterior(ABC):
     @classmethod
     def settings(cls, cfg: RunConfig) -> dict[str, tuple[Any, str]]:
         """The hyper-parameters a run's config decides: ``{hparams key: (value, config key)}``, the values as the
-        saved ``hparams()`` records them. A post-hoc posterior saved with other values was fitted under other
-        settings: ``evaluate`` refuses to reuse it (:func:`swaglora.members.posthoc_settings_differ`)."""
+        saved ``hparams()`` records them. A saved posterior with other values was made under other settings:
+        ``evaluate`` refuses to reuse it (:func:`swaglora.members.saved_settings_differ`)."""
         return {}
 
     @classmethod
