@@ -7,7 +7,10 @@ Stages (each skips the runs that are already done, so an interrupted study conti
    snapshot schedule, rank K, SWAG epochs, LoRA placement, early stopping) trains one run per value; the *members*
    factor trains one run with the most members, starting from the base run's member 0, and scores each smaller
    count on a copy of its first members; an *evaluation* factor (samples S, covariance scale) re-evaluates the
-   base run. Every run is scored with
+   base run; a *collection* factor (snapshot schedule, rank K, SWAG epochs) costs no training: one run of the base
+   protocol with the most SWAG epochs records its SWAG-phase trajectory (``--swag-keep-trajectory``) and every
+   value's run, the base protocol's included, is rebuilt from it with ``train --recollect-from`` (bit for bit what
+   training with those settings gives; tests/test_recollect.py). Every run is scored with
    ``swaglora evaluate --validation-only``: the test split is never loaded.
 2. ``confirm``: the base protocol and the protocol made of each factor's best value (by the validation NLL of the
    factor's row: ``swag``, or ``multiswag`` for members), with ``--seeds`` (3 by default), again on validation only.
@@ -31,20 +34,21 @@ import time
 from pathlib import Path
 
 from swaglora.cli import main as swaglora
+from swaglora.config import SWAGConfig
 from swaglora.io import atomic_write_json, atomic_write_text
 
 LR = 1e-3  # the base protocol's MAP learning rate (the product default)
 
 #: factor -> (row whose validation NLL scores it, kind, [(label, CLI flags)]). The first value of every factor is
-#: the base protocol's (no flags: the product defaults plus the study's base flags), so its run is shared.
+#: the base protocol's (no flags: the product defaults plus the study's base flags), so its run is shared. Kinds:
+#: train (a run per value), collect (rebuilt from the recorded trajectory), members, eval (the base run evaluated
+#: with other flags).
 FACTORS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
     "swag_lr": ("swag", "train", [("lr (1e-3)", []), ("lr/3", ["--swag-lr", str(LR / 3)]), ("lr/10", ["--swag-lr", str(LR / 10)])]),
-    "snapshots": ("swag", "train", [("every 25 steps", []), ("per epoch", ["--swag-every", "epoch"])]),
-    "rank": ("swag", "train", [("K=5", []), ("K=10", ["--swag-max-rank", "10"]), ("K=20", ["--swag-max-rank", "20"])]),
-    "swag_epochs": ("swag", "train", [("3", []), ("6", ["--swag-epochs", "6"])]),
-    "placement": ("swag", "train", [("top 2, all linear", []),
-                                    ("top 8, all linear", ["--lora-layers", "top:8"]),
-                                    ("all, q_proj+v_proj", ["--lora-layers", "all", "--lora-targets", "q_proj,v_proj"])]),
+    "snapshots": ("swag", "collect", [("every 25 steps", []), ("every 100 steps", ["--swag-every", "100"]),
+                                      ("per epoch, 6 SWAG epochs", ["--swag-every", "epoch", "--swag-epochs", "6"])]),
+    "rank": ("swag", "collect", [("K=5", []), ("K=10", ["--swag-max-rank", "10"]), ("K=20", ["--swag-max-rank", "20"])]),
+    "swag_epochs": ("swag", "collect", [("3", []), ("6", ["--swag-epochs", "6"])]),
     "early_stop": ("swag", "train", [("off", []), ("force_save 1", ["--swag-force-save", "1"])]),
     # one run with the most members (its member 0 copied from the base run, whose seed and settings it shares), each
     # smaller count a copy of its first members; a MultiSWAG of one member is SWAG: the base run's swag row scores "1"
@@ -52,12 +56,22 @@ FACTORS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
     "samples": ("swag", "eval", [("S=4", []), ("S=15", ["--samples", "15"]), ("S=30", ["--samples", "30"])]),
     "scale": ("swag", "eval", [("0.5 (swag's default)", []), ("1", ["--swag-scale", "1"]), ("2", ["--swag-scale", "2"]),
                                ("4", ["--swag-scale", "4"])]),
+    # last: by far the dearest (no lower-layer cache for the paper's placement), so a stopped screen has the rest
+    "placement": ("swag", "train", [("top 2, all linear", []),
+                                    ("top 8, all linear", ["--lora-layers", "top:8"]),
+                                    ("all, q_proj+v_proj", ["--lora-layers", "all", "--lora-targets", "q_proj,v_proj"])]),
 }
 
-#: the tests' grid: two training factors and one evaluation factor, two values each, and members 1, 2, 3
-TINY = {name: (row, kind, values[:2]) for name, (row, kind, values) in FACTORS.items()
-        if name in ("swag_lr", "snapshots", "scale")}
-TINY["members"] = ("multiswag", "members", [("1", []), ("2", ["--members", "2"]), ("3", ["--members", "3"])])
+#: the tests' grid (for their base flags --swag-epochs 2 --swag-every 2 --swag-max-rank 2 on 4 steps per epoch): one
+#: training factor, three collection factors, one evaluation factor, two values each, and members 1, 2, 3
+TINY = {
+    "swag_lr": FACTORS["swag_lr"][:2] + (FACTORS["swag_lr"][2][:2],),
+    "snapshots": ("swag", "collect", [("every 2 steps", []), ("per epoch", ["--swag-every", "epoch"])]),
+    "rank": ("swag", "collect", [("K=2", []), ("K=3", ["--swag-max-rank", "3"])]),
+    "swag_epochs": ("swag", "collect", [("2", []), ("3", ["--swag-epochs", "3"])]),
+    "members": ("multiswag", "members", [("1", []), ("2", ["--members", "2"]), ("3", ["--members", "3"])]),
+    "scale": FACTORS["scale"][:2] + (FACTORS["scale"][2][:2],),
+}
 
 
 def _flags(values: list[tuple[str, list[str]]], label: str) -> list[str]:
@@ -75,8 +89,21 @@ class Study:
 
     def _train_flags(self, choice: dict[str, str]) -> list[str]:
         """The base flags plus the flags of each training factor's chosen value (none for base values)."""
-        return list(self.base) + [f for name, label in choice.items() if self.factors[name][1] in ("train", "members")
+        return list(self.base) + [f for name, label in choice.items() if self.factors[name][1] in ("train", "collect", "members")
                                   for f in _flags(self.factors[name][2], label)]
+
+    def _collectable(self, choice: dict[str, str]) -> bool:
+        """Whether ``choice``'s run can be rebuilt from the recorded trajectory: it differs from the base protocol in
+        collection factors only."""
+        return all(self.factors[name][1] in ("collect", "eval") or not _flags(self.factors[name][2], label)
+                   for name, label in choice.items())
+
+    def _source_flags(self) -> list[str]:
+        """The run that records the trajectory: the base protocol with the most SWAG epochs any collection value asks."""
+        epochs = [_last(self.base, "--swag-epochs", SWAGConfig().epochs)]
+        epochs += [_last(flags, "--swag-epochs", 0) for _, kind, values in self.factors.values() if kind == "collect"
+                   for _, flags in values]
+        return list(self.base) + ["--swag-epochs", str(max(int(e) for e in epochs)), "--swag-keep-trajectory"]
 
     def _train_dir(self, train_flags: list[str], seed: int) -> Path:
         return self.out / "runs" / f"{_slug(train_flags)}-seed{seed}"
@@ -101,27 +128,34 @@ class Study:
     def _eval_flags(self, choice: dict[str, str]) -> list[str]:
         return [f for name, label in choice.items() if self.factors[name][1] == "eval" for f in _flags(self.factors[name][2], label)]
 
-    def _trained(self, train_dir: Path, train_flags: list[str], seed: int) -> None:
-        """Train ``train_dir`` unless every member its config names has finished."""
+    def _trained(self, train_dir: Path, train_flags: list[str], seed: int, collect: bool = False) -> None:
+        """Train ``train_dir`` unless every member its config names has finished; ``collect``: rebuild it from the
+        trajectory recorded by the source run (:meth:`_source_flags`, trained first) instead."""
         config = train_dir / "config.json"
         members = json.loads(config.read_text())["posterior"]["members"] if config.is_file() else 0
         if not members or not all((train_dir / "members" / str(i) / "done.json").is_file() for i in range(members)):
-            code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *train_flags, "--quiet"])
+            source: list[str] = []
+            if collect:
+                source_dir = self._train_dir(self._source_flags(), seed)
+                self._trained(source_dir, self._source_flags(), seed)
+                source = ["--recollect-from", str(source_dir)]
+            code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *train_flags, *source, "--quiet"])
             if code:
-                raise SystemExit(f"training {train_dir} failed ({code})")
+                raise SystemExit(f"{'recollecting' if collect else 'training'} {train_dir} failed ({code})")
 
     def run(self, key: str, train_flags: list[str], eval_flags: list[str], seed: int, validation_only: bool = True,
-            members_from: list[str] | None = None) -> dict:
+            members_from: list[str] | None = None, collect: bool = False) -> dict:
         """Train (once per training setting and seed) and evaluate; returns the rows' validation (or test) metrics.
 
         ``members_from``: the train flags of a run with more members: evaluate a copy of its first members (the
-        count that ``train_flags`` asks for) instead of training this setting on its own."""
+        count that ``train_flags`` asks for) instead of training this setting on its own. ``collect``: rebuild the
+        run from the recorded trajectory (:meth:`_trained`)."""
         if key in self.state["runs"]:
             return self.state["runs"][key]
         start = time.perf_counter()
         if members_from is None:
             train_dir = self._train_dir(train_flags, seed)
-            self._trained(train_dir, train_flags, seed)
+            self._trained(train_dir, train_flags, seed, collect)
         else:
             source = self._train_dir(members_from, seed)
             self._trained(source, members_from, seed)
@@ -157,7 +191,7 @@ class Study:
             if kind == "members":  # one run with the most members, started with the base run's member 0
                 largest = self._train_flags({**base, name: max(values, key=lambda v: _members(v[1]))[0]})
                 base_dir = self._train_dir(self._train_flags(base), self.seeds[0])
-                self._trained(base_dir, self._train_flags(base), self.seeds[0])
+                self._trained(base_dir, self._train_flags(base), self.seeds[0], collect=self._collectable(base))
                 start_dir = self._train_dir(largest, self.seeds[0])
                 if not start_dir.exists():  # the base run's member 0 is this run's: copy it, train the others
                     self._copy_members(base_dir, start_dir, 1, _members(largest))
@@ -165,7 +199,7 @@ class Study:
                 choice = {**base, name: label}
                 shared = largest if largest is not None and flags and _members(flags) != _members(largest) else None
                 record = self.run(f"screen/{name}/{_slug([label])}", self._train_flags(choice), self._eval_flags(choice),
-                                  self.seeds[0], members_from=shared)
+                                  self.seeds[0], members_from=shared, collect=shared is None and self._collectable(choice))
                 scores[label] = _score(record, row)
             best[name] = min(scores, key=scores.get)
         self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "base": base}
@@ -198,10 +232,15 @@ class Study:
         self._save()
 
 
+def _last(flags: list[str], flag: str, default):
+    """The value of the last ``flag`` in a flag list, else ``default``."""
+    values = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == flag]
+    return values[-1] if values else default
+
+
 def _members(flags: list[str]) -> int:
     """The member count a flag list asks for (the last ``--members``; 1 without one, the study's base)."""
-    counts = [int(flags[i + 1]) for i, f in enumerate(flags[:-1]) if f == "--members"]
-    return counts[-1] if counts else 1
+    return int(_last(flags, "--members", 1))
 
 
 def _score(record: dict, row: str) -> float:

@@ -50,6 +50,16 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     # the base value of every factor shares one training run
     base_runs = {runs[f"screen/{name}/{study_module._slug([values[0][0]])}"]["train_dir"] for name, (_, _, values) in study_module.TINY.items()}
     assert len(base_runs) == 1
+    # collection factors are rebuilt from one recorded run of the base protocol with the most SWAG epochs (3): the
+    # base run and each collection value's run are recollections of it, not trainings
+    collected = [Path(runs[f"screen/{name}/{study_module._slug([label])}"]["train_dir"])
+                 for name, (_, kind, values) in study_module.TINY.items() if kind == "collect" for label, _ in values]
+    assert len(set(collected)) == 4 and Path(base_runs.pop()) in collected
+    for run_dir in collected:
+        done = json.loads((run_dir / "members" / "0" / "done.json").read_text())
+        assert "recollected" in done and not (run_dir / "members" / "0" / "trajectory").exists()
+    sources = [d for d in (out / "runs").iterdir() if (d / "members" / "0" / "trajectory").is_dir()]
+    assert len(sources) == 1 and json.loads((sources[0] / "config.json").read_text())["swag"]["epochs"] == 3
     # members: one 3-member run whose member 0 is the base run's (copied, not trained again); "2" is a copy of its
     # first two members; member 0's swag row is the same in all three, draw for draw
     record = {label: runs[f"screen/members/{study_module._slug([label])}"] for label in ("1", "2", "3")}

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--member-index", type=int, action="append", default=None,
                    help="train only this member (repeatable), e.g. one per machine; combine later with evaluate --run")
     p.add_argument("--overwrite", action="store_true", help="delete OUT first (only a swaglora run)")
+    p.add_argument("--recollect-from", default=None, metavar="RUN",
+                   help="do not train: rebuild RUN's members (trained with --swag-keep-trajectory; RUN's settings are "
+                        "the defaults here) with other SWAG collection settings (--swag-max-rank, fewer --swag-epochs, "
+                        "--swag-every a multiple of RUN's or epoch) from their recorded snapshots, as training would have")
 
     p = sub.add_parser("evaluate", help="evaluate a trained run (--run) or a base model zero-shot (--model)")
     _common(p)
@@ -222,7 +226,8 @@ def _quiet() -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline, validate
-    from .members import open_session, train_members
+    from .distributed import current
+    from .members import needed_posteriors, open_session, recollect_member, train_members
 
     if args.command == "tasks":
         return _cmd_tasks()
@@ -254,21 +259,42 @@ def _dispatch(args: argparse.Namespace) -> int:
             _report([d for _, d in jobs], out, args.abstain_risk)
         return 0
     if args.command == "train":
-        cfg = resolve_config(args)
+        source = Path(args.recollect_from) if args.recollect_from else None
+        cfg = resolve_config(args, base=_recollect_base(source) if source is not None else None)
         out = Path(args.out)
         members = args.member_index if args.member_index is not None else cfg.posterior.member_indices
-        plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members)
+        plan = validate.preflight(cfg, "train", out, overwrite=args.overwrite, members=members, recollect_from=source)
         _print_choice(cfg)
         pipeline.prepare_run_dir(cfg, out, args.overwrite, plan.data_sha256)
         session = open_session(cfg)
+        if source is not None and _is_main():
+            for i in members:
+                if not (out / "members" / str(i) / "done.json").is_file():
+                    recollect_member(session, source / "members" / str(i), out / "members" / str(i),
+                                     needed_posteriors(plan.rows))
+        current().wait()  # other processes (accelerate launch) find the recollected members finished
         train_members(session, out, members, plan.rows, progress=progress)
-        print(f"trained members {members} into {out}")
+        print(f"{'recollected' if source is not None else 'trained'} members {members} into {out}")
         return 0
     if args.command == "evaluate":
         return _evaluate(args, progress)
     if args.command == "predict":
         return _predict(args, progress)
     raise AssertionError(args.command)
+
+
+def _recollect_base(source: Path) -> RunConfig:
+    """``train --recollect-from SOURCE``: the flags given change SOURCE's settings (it records a trajectory, the
+    rebuilt run does not)."""
+    from . import rundir, validate
+
+    if not (source / "config.json").is_file() or not validate.is_run_dir(source):
+        raise ConfigError(f"--recollect-from {source}: not a swaglora run directory (no config.json / {validate.RUN_MARKER})")
+    try:
+        cfg = rundir.load_run_config(source)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--recollect-from {source}: {e}") from None
+    return apply_overrides(cfg, {"swag.keep_trajectory": False})
 
 
 def _predict(args: argparse.Namespace, progress: bool) -> int:

@@ -149,6 +149,7 @@ class SWAGConfig:
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
     force_save: int = _f(-1, "early stopping of the SWAG phase as the SWAG-LoRA code's force_save: keep the SWAG moments of the collection epoch whose SWA mean has the lowest validation NLL so far, and those of collection epoch force_save+1 (0-based, as theirs) when its mean is not better; -1 = off (keep every snapshot)")
     scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
+    keep_trajectory: bool = _f(False, "also write the weights of every snapshot the SWAG phase collects and of each SWAG epoch's end to members/<i>/trajectory/, so that 'train --recollect-from' rebuilds the SWAG posteriors with another rank, fewer SWAG epochs, a schedule every multiple of swag.every steps or per epoch, without training again (about the adapter's size per snapshot)")
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.anneal_epochs < 0:

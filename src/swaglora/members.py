@@ -3,6 +3,7 @@ posteriors collected along it, and post-hoc fitting."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -14,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, trajectory
 from ._version import __version__
 from .config import RunConfig, flag_of
 from .data import MCQExample
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, atomic_write_text, read_json
 from .models import LoadedModel, add_lora, init_lora, load_model, model_fingerprint
 from .params import trainable_parameters, use_params
 from .posterior import CONFIG_NAME, Posterior, base_rows, get_method, load_posterior, reference_row, row
@@ -28,7 +29,7 @@ from .selection import training_data
 from .train import fit
 
 __all__ = ["Session", "open_session", "check_schedule", "member_seed", "draw_generator", "train_members",
-           "train_own_member", "fit_posthoc", "add_posthoc_posterior", "saved_settings_differ"]
+           "needed_posteriors", "train_own_member", "recollect_member", "fit_posthoc", "add_posthoc_posterior", "saved_settings_differ"]
 
 
 @dataclass
@@ -84,7 +85,7 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
                          "steps per epoch); lower --swag-max-rank or collect more often")
 
 
-def _needed_posteriors(rows: list[str]) -> list[str]:
+def needed_posteriors(rows: list[str]) -> list[str]:
     """The methods whose posteriors the rows use (and those their post-hoc fits start from), trained or fitted
     along with each member."""
     methods = {row(r).method for r in rows if not row(r).before_training}
@@ -119,7 +120,7 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
     writes files. Methods that train their own member (BLoB) are trained after that, see :func:`train_own_member`.
     """
     cfg = session.cfg
-    needed = _needed_posteriors(rows)
+    needed = needed_posteriors(rows)
     # a post-hoc fit at another posterior's point (``fitted_at``) waits for that posterior: it is fitted when
     # first evaluated (:func:`add_posthoc_posterior`)
     names = [n for n in needed if not get_method(n).trains_own_member and not get_method(n).fitted_at]
@@ -166,7 +167,8 @@ def train_member(session: Session, out: Path, index: int, names: list[str], prog
 
     result = fit(session.scorer, session.train, session.validation, cfg, collectors=along, on_map_done=at_map_end,
                  cache=session.cache, log_path=out / "train_log.jsonl", seed=seed, progress=progress,
-                 checkpoint_dir=out / "checkpoints", resume=resume)
+                 checkpoint_dir=out / "checkpoints", resume=resume,
+                 trajectory_dir=out / trajectory.DIRNAME if cfg.swag.keep_trajectory else None)
     with torch.no_grad():  # the adapter on disk holds the MAP weights, not the last SWAG-phase ones
         params = trainable_parameters(model)
         for k, v in result.map_state.items():
@@ -182,6 +184,35 @@ def train_member(session: Session, out: Path, index: int, names: list[str], prog
                                               "max_choices": max(ex.n_choices for ex in session.train)})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
     dist.wait()
+
+
+def recollect_member(session: Session, source: Path, out: Path, names: list[str]) -> None:
+    """Member ``out``: member ``source`` (trained with ``swag.keep_trajectory``, checked compatible by
+    :func:`swaglora.trajectory.check_source`) with the trajectory posteriors among ``names`` collected anew from its
+    recorded snapshots under this session's settings (rank, SWAG epochs, schedule), as training with them would
+    have, bit for bit; its adapter, post-hoc posteriors and own-member methods are copied. Written beside ``out``
+    and renamed into place, so a stopped recollection leaves no half member."""
+    cfg, model = session.cfg, session.model
+    tmp = out.with_name(f".{out.name}.recollect")
+    shutil.rmtree(tmp, ignore_errors=True)
+    along = {n: get_method(n) for n in names if get_method(n).trajectory}
+    skip = {trajectory.DIRNAME, "checkpoints", *(f"checkpoints-{n}" for n in names)}
+    shutil.copytree(source, tmp, ignore=lambda d, entries: [e for e in entries if Path(d) == source and e in skip])
+    for name in along:
+        shutil.rmtree(tmp / "posteriors" / name, ignore_errors=True)
+    done = read_json(source / "done.json")
+    collectors = {n: cls.build(model, cfg) for n, cls in along.items()}
+    trajectory.replay(source / trajectory.DIRNAME, trajectory.snapshot_names(cfg, done["n_train"]), model, collectors)
+    for name, p in collectors.items():
+        p.save(tmp / "posteriors" / name, session.metadata)
+    log = [line for line in (source / "train_log.jsonl").read_text().splitlines()
+           if line.strip() and json.loads(line).get("epoch", 0) <= cfg.train.epochs + cfg.swag.epochs]
+    atomic_write_text(tmp / "train_log.jsonl", "".join(f"{line}\n" for line in log))
+    atomic_write_json(tmp / "done.json", {**done, "recollected": {
+        "swag_epochs": cfg.swag.epochs, "swag_every": cfg.swag.every, "swag_max_rank": cfg.swag.max_rank,
+        "snapshots": len(trajectory.snapshot_names(cfg, done["n_train"]))}})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
 
 
 def train_own_member(session: Session, out: Path, name: str, seed: int, progress: bool = True) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, distributed, metrics
+from . import checkpoint, distributed, metrics, trajectory
 from .config import RunConfig
 from .data import MCQExample
 from .io import atomic_write_text
@@ -96,6 +96,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: checkpoint.Checkpoint | None = None,
     hooks: Sequence = (),
+    trajectory_dir: Path | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters on ``train``; collect snapshots into ``collectors``.
 
@@ -115,6 +116,7 @@ def fit(
             context manager installed while training with ``start(steps_per_epoch)``, ``tensors()`` (extra
             trained tensors outside the optimiser: checkpointed, and restored with the best epoch) and
             ``after_step(step, lr_scale)`` (called after each optimiser step with its lr / ``train.lr``).
+        trajectory_dir: record the SWAG phase's snapshots and epoch ends here (:mod:`swaglora.trajectory`).
 
     Raises:
         FloatingPointError: a non-finite loss or weights, naming the optimiser step (no checkpoint of it is written).
@@ -126,7 +128,7 @@ def fit(
             contextlib.ExitStack() as installed:
         torch.random.default_generator.set_state(torch.Generator().manual_seed(seed + 1).get_state())
         loop = _Loop(scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress,
-                     checkpoint_dir, interrupt, [installed.enter_context(h) for h in hooks])
+                     checkpoint_dir, interrupt, [installed.enter_context(h) for h in hooks], trajectory_dir)
         if resume is not None:
             loop.restore(resume)
         return loop.run()
@@ -158,12 +160,13 @@ class _Interrupt:
 
 class _Loop:
     def __init__(self, scorer, train, validation, cfg, collectors, on_map_done, cache, log_path, seed, progress,
-                 checkpoint_dir, interrupt, hooks=()) -> None:
+                 checkpoint_dir, interrupt, hooks=(), trajectory_dir=None) -> None:
         self.dist = distributed.current()
         self.scorer, self.train, self.validation, self.cfg = scorer, train, validation, cfg
         self.collectors, self.on_map_done, self.log_path, self.seed = list(collectors), on_map_done, log_path, seed
         self.progress = progress and self.dist.is_main
         self.checkpoint_dir, self.interrupt = checkpoint_dir, interrupt
+        self.trajectory_dir = trajectory_dir if self.dist.is_main else None
         self.cache = cache if cache is not None else HiddenCache(scorer)
         self.cache.fill(list(train) + list(validation), cfg.eval.batch_size)
         self.params = trainable_parameters(scorer.model)
@@ -296,6 +299,8 @@ class _Loop:
                 if collecting and every is not None and self.step % every == 0 and dist.is_main:
                     for posterior in self.collectors:
                         posterior.collect(model)
+                    if self.trajectory_dir is not None:
+                        trajectory.record(self.trajectory_dir, model, trajectory.step_name(self.step))
                 if i + 1 < len(batches):  # the epoch end below checkpoints the last step of an epoch
                     path = self.save() if stop or (ckpt_every and self.step % ckpt_every == 0) else None
                     if stop:
@@ -354,6 +359,8 @@ class _Loop:
         if collecting and every is None and self.dist.is_main:
             for posterior in self.collectors:
                 posterior.collect(model)
+        if collecting and self.trajectory_dir is not None:
+            trajectory.record(self.trajectory_dir, model, trajectory.epoch_name(epoch + 1))
         record = {"epoch": epoch + 1, "phase": "collect" if collecting else "fit", "train_loss": self.running / n_batches,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         if self.validation and self.dist.is_main:

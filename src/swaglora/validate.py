@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from . import rundir
+from . import rundir, trajectory
 from .config import ConfigError, ModelConfig, RunConfig
 from .data import MCQExample
 from .io import read_json
 from .evaluate import requested_rows, row_unavailable
-from .members import check_schedule, posthoc_unavailable, saved_settings_differ
-from .posterior import base_rows, row
+from .members import check_schedule, needed_posteriors, posthoc_unavailable, saved_settings_differ
+from .posterior import CONFIG_NAME, base_rows, get_method, row
 from .selection import base_examples, eval_data, training_data
 from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
 from .scoring import MAX_CHOICE_TOKENS, Scorer
@@ -195,6 +195,43 @@ def _check_saved_settings(cfg: RunConfig, members: list[Path], rows: list[str]) 
                 raise ConfigError(why)
 
 
+def _check_recollect_source(cfg: RunConfig, source: Path, out: Path, members: list[int], rows: list[str],
+                            n_train: int, hashes: dict[str, str]) -> None:
+    """``train --recollect-from SOURCE``: SOURCE's members recorded their trajectories under settings that differ
+    from these in SWAG collection settings only, every member asked for has finished with every snapshot this
+    schedule collects, and each post-hoc posterior the rows need is there to copy."""
+    flag = "--recollect-from"
+    if not (source / "config.json").is_file() or not is_run_dir(source):
+        raise ConfigError(f"{flag} {source}: not a swaglora run directory (no config.json / {RUN_MARKER})")
+    if source.resolve() == out.resolve():
+        raise ConfigError(f"{flag} {source} is --out itself; give another --out")
+    try:
+        source_cfg = rundir.load_run_config(source)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{flag} {source}: {e}") from None
+    trajectory.check_source(source_cfg, cfg, flag)
+    _check_data_unchanged(cfg, source, hashes)
+    for i in members:
+        member = source / "members" / str(i)
+        if not (member / "done.json").is_file():
+            raise ConfigError(f"{flag} {source}: member {i} has not finished training ({member / 'done.json'} is missing)")
+        done = read_json(member / "done.json")
+        if done.get("n_train") != n_train:
+            raise ConfigError(f"{flag} {source}: member {i} was trained on {done.get('n_train')} questions, these "
+                              f"settings select {n_train}")
+        missing = [n for n in trajectory.snapshot_names(cfg, n_train) if not (member / trajectory.DIRNAME / n).is_file()]
+        if missing:
+            raise ConfigError(f"{flag} {source}: member {i} lacks {len(missing)} of the snapshots this schedule "
+                              f"collects (first: {member / trajectory.DIRNAME / missing[0]})")
+        for name in needed_posteriors(rows):
+            cls = get_method(name)
+            if cls.trajectory or cls.trains_own_member or cls.fitted_at:
+                continue  # collected anew, trained after, or fitted when evaluated
+            if not (member / "posteriors" / name / CONFIG_NAME).is_file():
+                raise ConfigError(f"{flag} {source}: member {i} has no {name} posterior to copy (it was trained "
+                                  f"without a row that needs it); add those rows to its --methods or drop them here")
+
+
 def _warn_learning_rates(cfg: RunConfig) -> None:
     for flag, lr in (("--lr", cfg.train.lr), ("--swag-lr", cfg.swag.lr)):
         if lr > LR_WARNING:
@@ -327,7 +364,7 @@ class Plan:
 
 
 def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = False,
-              members: list[int] | None = None, runs: list[Path] = ()) -> Plan:
+              members: list[int] | None = None, runs: list[Path] = (), recollect_from: Path | None = None) -> Plan:
     """Check everything ``command`` (run, train, evaluate = ``evaluate --run``, base = ``evaluate --model``) will need.
 
     Raises ConfigError, DataError or ModelError (one line each) before any weight is loaded or any file
@@ -352,6 +389,9 @@ def preflight(cfg: RunConfig, command: str, out: Path, *, overwrite: bool = Fals
     hashes = data_sha256(cfg, evaluating=command != "train")
     for run_dir in runs or ([] if overwrite else [out]):
         _check_data_unchanged(cfg, Path(run_dir), hashes)
+    if recollect_from is not None:
+        _check_recollect_source(cfg, Path(recollect_from), Path(out), members if members is not None else
+                                cfg.posterior.member_indices, rows, len(train), hashes)
     if command == "evaluate":
         _check_posteriors_can_be_made([Path(r) for r in runs], rows)
         _check_saved_settings(cfg, rundir.member_dirs([Path(r) for r in runs]), rows)
