@@ -286,15 +286,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _recollect_base(source: Path) -> RunConfig:
     """``train --recollect-from SOURCE``: the flags given change SOURCE's settings (it records a trajectory, the
     rebuilt run does not)."""
-    from . import rundir, validate
+    from .validate import recollect_source_config
 
-    if not (source / "config.json").is_file() or not validate.is_run_dir(source):
-        raise ConfigError(f"--recollect-from {source}: not a swaglora run directory (no config.json / {validate.RUN_MARKER})")
-    try:
-        cfg = rundir.load_run_config(source)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"--recollect-from {source}: {e}") from None
-    return apply_overrides(cfg, {"swag.keep_trajectory": False})
+    return apply_overrides(recollect_source_config(source), {"swag.keep_trajectory": False})
 
 
 def _predict(args: argparse.Namespace, progress: bool) -> int:

@@ -30,7 +30,7 @@ from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, re
 from .scoring import MAX_CHOICE_TOKENS, Scorer
 
 __all__ = ["RUN_MARKER", "Plan", "check_abstain_risk", "check_device", "claim_dir", "check_out_dir", "check_out_file",
-           "check_questions", "is_run_dir", "parse_seeds", "preflight", "warn"]
+           "check_questions", "is_run_dir", "parse_seeds", "preflight", "recollect_source_config", "warn"]
 
 #: Written into every directory swaglora writes; only a directory carrying it is ever written into or deleted.
 RUN_MARKER = "swaglora_run.json"
@@ -195,20 +195,25 @@ def _check_saved_settings(cfg: RunConfig, members: list[Path], rows: list[str]) 
                 raise ConfigError(why)
 
 
+def recollect_source_config(source: Path) -> RunConfig:
+    """The config of ``train --recollect-from SOURCE``'s run; not a run directory is one line naming the flag."""
+    if not (source / "config.json").is_file() or not is_run_dir(source):
+        raise ConfigError(f"--recollect-from {source}: not a swaglora run directory (no config.json / {RUN_MARKER})")
+    try:
+        return rundir.load_run_config(source)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--recollect-from {source}: {e}") from None
+
+
 def _check_recollect_source(cfg: RunConfig, source: Path, out: Path, members: list[int], rows: list[str],
                             n_train: int, hashes: dict[str, str]) -> None:
     """``train --recollect-from SOURCE``: SOURCE's members recorded their trajectories under settings that differ
     from these in SWAG collection settings only, every member asked for has finished with every snapshot this
     schedule collects, and each post-hoc posterior the rows need is there to copy."""
     flag = "--recollect-from"
-    if not (source / "config.json").is_file() or not is_run_dir(source):
-        raise ConfigError(f"{flag} {source}: not a swaglora run directory (no config.json / {RUN_MARKER})")
+    source_cfg = recollect_source_config(source)
     if source.resolve() == out.resolve():
         raise ConfigError(f"{flag} {source} is --out itself; give another --out")
-    try:
-        source_cfg = rundir.load_run_config(source)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{flag} {source}: {e}") from None
     trajectory.check_source(source_cfg, cfg, flag)
     _check_data_unchanged(cfg, source, hashes)
     for i in members:
