@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.swaglora-installed
 
-.PHONY: demo test test-bf16 bench study install clean
+.PHONY: demo test test-bf16 bench study study-obqa install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 # to docs/protocol-study.md. Resumable: rerun to continue.
 study: $(STAMP)
 	$(PY) scripts/protocol_study.py --out runs/study
+
+# The same study on OBQA: 2,000 of its 4,957 training questions, its full validation (500) and test (500) splits.
+study-obqa: $(STAMP)
+	$(PY) scripts/protocol_study.py --out runs/study-obqa --report docs/protocol-study-obqa.md --task obqa \
+		--train-limit 2000 --val-limit 0 --eval-limit 0 --members 1 --methods map,swag,multiswag
 
 clean:
 	rm -rf runs build *.egg-info
