@@ -189,6 +189,13 @@ def test_a_run_records_prints_and_reports_its_dtype(tmp_path, tiny_model_dir, ca
 
     other = "bfloat16" if pinned == "float32" else "float32"
     monkeypatch.setenv(AUTO_DTYPE_ENV, other)
+    # an evaluation records the runtime its numbers are computed under, in another --out or beside the training's
+    for out in (tmp_path / "elsewhere", run):
+        assert main(["evaluate", "--run", str(run), "--out", str(out), "--methods", "map", "--quiet"]) == 0
+        marker = json.loads((out / "swaglora_run.json").read_text())
+        assert marker["evaluation_runtime"] == {**runtime, "dtype": other, "auto_dtype_env": other}
+        assert marker.get("runtime", runtime) == runtime  # the training's, where there is one, is kept
+        assert f"| `{out}` | 0 | {other} | cpu |" in (out / "report.md").read_text()
     assert main(args) == 0  # finished member kept, the config unchanged: the runtime is a fact, not a setting
     assert json.loads((run / "swaglora_run.json").read_text())["runtime"]["dtype"] == other
 

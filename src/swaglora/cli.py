@@ -341,6 +341,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
         plan = validate.preflight(cfg, "evaluate", out, runs=runs)
         _print_choice(cfg)
         validate.claim_dir(out)
+        rundir.record_evaluation_runtime(out, cfg)
         session = open_session(cfg)
         evaluate.evaluate_run(session, runs, plan.rows, out, progress=progress, abstain_risk=args.abstain_risk)
         _report([out], out, args.abstain_risk)
@@ -353,6 +354,7 @@ def _evaluate(args: argparse.Namespace, progress: bool) -> int:
     validate.preflight(cfg, "base", out)
     _print_choice(cfg)
     validate.claim_dir(out)
+    rundir.record_evaluation_runtime(out, cfg)
     session = open_session(cfg, with_data=False)
     results = evaluate.evaluate_base(session, out, progress=progress)
     for r in results:

@@ -40,7 +40,8 @@ from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir
 from .models import runtime_info
 
 __all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "ABSTENTION_NAME", "set_dir_name", "prediction_rows", "write_eval",
-           "write_abstention", "member_dirs", "save_adapter", "check_run_format", "write_run_marker", "save_config", "load_run_config"]
+           "write_abstention", "member_dirs", "save_adapter", "check_run_format", "write_run_marker", "record_evaluation_runtime", "save_config",
+           "load_run_config"]
 
 
 #: Settings that may change between a run and its resumption: they do not change any result.
@@ -144,6 +145,15 @@ def write_run_marker(run_dir: Path, **extra: Any) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "swaglora_run.json",
                       {"format_version": RUN_FORMAT_VERSION, "library_version": __version__, **extra})
+
+
+def record_evaluation_runtime(out: Path, cfg: RunConfig) -> None:
+    """``evaluate``: put the runtime its numbers are computed under (dtype, device, CPU flags, torch) into ``out``'s
+    run marker as ``evaluation_runtime``, beside the training's ``runtime`` when ``out`` is the run itself (an
+    evaluation may run on another machine or dtype than the training); the report shows it."""
+    marker = out / "swaglora_run.json"
+    data = read_json(marker) if marker.is_file() else {"format_version": RUN_FORMAT_VERSION, "library_version": __version__}
+    atomic_write_json(marker, {**data, "evaluation_runtime": runtime_info(cfg.model)})
 
 
 def save_config(cfg: RunConfig, run_dir: Path, data_sha256: dict[str, str] | None = None) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from .config import ConfigError, RunConfig, config_to_dict, flag_of
 from .io import atomic_save_safetensors, load_safetensors
 from .params import trainable_parameters
+from .rundir import RESULT_NEUTRAL
 
 __all__ = ["DIRNAME", "record", "snapshot_names", "recollect_differences", "replay"]
 
@@ -36,8 +37,6 @@ DIRNAME = "trajectory"
 #: the settings a recollected run may change (every other one shapes the trajectory or the copied posteriors)
 RECOLLECTABLE = {"swag.epochs", "swag.every", "swag.max_rank", "swag.scale", "swag.keep_trajectory",
                  "posterior.members", "posterior.samples"}
-#: settings that never change a member (also free to differ)
-NEUTRAL = {"train.checkpoint_every", "train.threads", "model.device"}
 
 
 def step_name(step: int) -> str:
@@ -81,7 +80,7 @@ def recollect_differences(source: RunConfig, cfg: RunConfig) -> list[str]:
             continue
         for key, value in b[section].items():
             name = f"{section}.{key}"
-            if name not in RECOLLECTABLE | NEUTRAL and a.get(section, {}).get(key) != value:
+            if name not in RECOLLECTABLE | RESULT_NEUTRAL and a.get(section, {}).get(key) != value:
                 why.append(f"{flag_of(name)} is {a.get(section, {}).get(key)!r} there, {value!r} here "
                            "(only the SWAG collection settings may differ)")
     if source.train.schedule != "auto" and source.swag.epochs != cfg.swag.epochs:

@@ -88,7 +88,9 @@ def _load_run(run_dir: Path, index: int, notes: list[str]) -> _Run:
     if (run_dir / "config.json").is_file():
         config = read_json(run_dir / "config.json")
     marker = run_dir / "swaglora_run.json"
-    runtime = read_json(marker).get("runtime") if marker.is_file() else None
+    # the evaluation's runtime when an `evaluate` recorded one (its numbers were computed under it), else the run's
+    saved = read_json(marker) if marker.is_file() else {}
+    runtime = saved.get("evaluation_runtime") or saved.get("runtime")
     run = _Run(path=run_dir, seed=index, config=config, runtime=runtime)
     seed = (config.get("train") or {}).get("seed") if isinstance(config, dict) else None
     for mf in metric_files:
