@@ -62,13 +62,13 @@ FACTORS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
                                     ("all, q_proj+v_proj", ["--lora-layers", "all", "--lora-targets", "q_proj,v_proj"])]),
 }
 
-#: the tests' grid (for their base flags --swag-epochs 2 --swag-every 2 --swag-max-rank 2 on 4 steps per epoch): one
+#: the tests' grid (for their base flags --swag-every 2 --swag-max-rank 2 on 4 steps per epoch, 3 SWAG epochs): one
 #: training factor, three collection factors, one evaluation factor, two values each, and members 1, 2, 3
 TINY = {
     "swag_lr": FACTORS["swag_lr"][:2] + (FACTORS["swag_lr"][2][:2],),
     "snapshots": ("swag", "collect", [("every 2 steps", []), ("per epoch", ["--swag-every", "epoch"])]),
     "rank": ("swag", "collect", [("K=2", []), ("K=3", ["--swag-max-rank", "3"])]),
-    "swag_epochs": ("swag", "collect", [("2", []), ("3", ["--swag-epochs", "3"])]),
+    "swag_epochs": ("swag", "collect", [("3", []), ("4", ["--swag-epochs", "4"])]),
     "members": ("multiswag", "members", [("1", []), ("2", ["--members", "2"]), ("3", ["--members", "3"])]),
     "scale": FACTORS["scale"][:2] + (FACTORS["scale"][2][:2],),
 }
@@ -98,9 +98,12 @@ class Study:
         return all(self.factors[name][1] in ("collect", "eval") or not _flags(self.factors[name][2], label)
                    for name, label in choice.items())
 
+    def _base_epochs(self) -> int:
+        return int(_last(self.base, "--swag-epochs", SWAGConfig().epochs))
+
     def _source_flags(self) -> list[str]:
         """The run that records the trajectory: the base protocol with the most SWAG epochs any collection value asks."""
-        epochs = [_last(self.base, "--swag-epochs", SWAGConfig().epochs)]
+        epochs = [self._base_epochs()]
         epochs += [_last(flags, "--swag-epochs", 0) for _, kind, values in self.factors.values() if kind == "collect"
                    for _, flags in values]
         return list(self.base) + ["--swag-epochs", str(max(int(e) for e in epochs)), "--swag-keep-trajectory"]
@@ -135,11 +138,11 @@ class Study:
         members = json.loads(config.read_text())["posterior"]["members"] if config.is_file() else 0
         if not members or not all((train_dir / "members" / str(i) / "done.json").is_file() for i in range(members)):
             source: list[str] = []
-            if collect:
-                source_dir = self._train_dir(self._source_flags(), seed)
+            if collect:  # the recording run's settings are the defaults of a recollection: the base's SWAG epochs
+                source_dir = self._train_dir(self._source_flags(), seed)  # first, then this run's flags
                 self._trained(source_dir, self._source_flags(), seed)
-                source = ["--recollect-from", str(source_dir)]
-            code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *train_flags, *source, "--quiet"])
+                source = ["--recollect-from", str(source_dir), "--swag-epochs", str(self._base_epochs())]
+            code = swaglora(["train", "--out", str(train_dir), "--seed", str(seed), *source, *train_flags, "--quiet"])
             if code:
                 raise SystemExit(f"{'recollecting' if collect else 'training'} {train_dir} failed ({code})")
 

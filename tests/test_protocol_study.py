@@ -33,7 +33,7 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     train = write_jsonl(tmp_path / "train.jsonl", make_examples(32, 0, "tr"))
     test = write_jsonl(tmp_path / "test.jsonl", make_examples(12, 1, "te"))
     base = ["--model", str(tiny_model_dir), "--scoring", "cloze", "--data", str(train), "--test-data", str(test),
-            "--shift", "", "--epochs", "1", "--swag-epochs", "2", "--swag-every", "2", "--swag-max-rank", "2",
+            "--shift", "", "--epochs", "1", "--swag-every", "2", "--swag-max-rank", "2",
             "--batch-size", "8", "--lora-r", "2", "--members", "1", "--samples", "2", "--methods", "map,swag,multiswag",
             "--dtype", "float32"]
     out, report = tmp_path / "study", tmp_path / "docs" / "protocol-study.md"
@@ -55,11 +55,17 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     collected = [Path(runs[f"screen/{name}/{study_module._slug([label])}"]["train_dir"])
                  for name, (_, kind, values) in study_module.TINY.items() if kind == "collect" for label, _ in values]
     assert len(set(collected)) == 4 and Path(base_runs.pop()) in collected
-    for run_dir in collected:
+    for run_dir in collected:  # each with its own collection settings, not the recording run's
         done = json.loads((run_dir / "members" / "0" / "done.json").read_text())
         assert "recollected" in done and not (run_dir / "members" / "0" / "trajectory").exists()
+        swag = json.loads((run_dir / "config.json").read_text())["swag"]
+        label = next(lab for name, (_, kind, values) in study_module.TINY.items() if kind == "collect"
+                     for lab, _ in values if runs[f"screen/{name}/{study_module._slug([lab])}"]["train_dir"] == str(run_dir))
+        assert (swag["epochs"], swag["every"], swag["max_rank"], swag["keep_trajectory"]) == {
+            "every 2 steps": (3, "2", 2, False), "per epoch": (3, "epoch", 2, False), "K=3": (3, "2", 3, False),
+            "4": (4, "2", 2, False), "K=2": (3, "2", 2, False), "3": (3, "2", 2, False)}[label]
     sources = [d for d in (out / "runs").iterdir() if (d / "members" / "0" / "trajectory").is_dir()]
-    assert len(sources) == 1 and json.loads((sources[0] / "config.json").read_text())["swag"]["epochs"] == 3
+    assert len(sources) == 1 and json.loads((sources[0] / "config.json").read_text())["swag"]["epochs"] == 4
     # members: one 3-member run whose member 0 is the base run's (copied, not trained again); "2" is a copy of its
     # first two members; member 0's swag row is the same in all three, draw for draw
     record = {label: runs[f"screen/members/{study_module._slug([label])}"] for label in ("1", "2", "3")}
