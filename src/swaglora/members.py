@@ -73,12 +73,8 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
     """Refuse a SWAG rank the collection schedule can never fill (the low-rank part would silently shrink)."""
     if cfg.swag.epochs == 0 or cfg.swag.max_rank == 0:
         return
-    steps_per_epoch = -(-(-(-n_train // cfg.train.batch_size)) // cfg.train.grad_accum)
-    if cfg.swag.every == "epoch":
-        snapshots = cfg.swag.epochs
-    else:  # the loop collects when the global step count is a multiple of ``every``, in the SWAG phase only
-        every, map_steps = int(cfg.swag.every), cfg.train.epochs * steps_per_epoch
-        snapshots = (map_steps + cfg.swag.epochs * steps_per_epoch) // every - map_steps // every
+    steps_per_epoch = trajectory.steps_per_epoch(cfg, n_train)
+    snapshots = len(trajectory.snapshot_names(cfg, n_train))
     if cfg.swag.max_rank > snapshots:
         raise ValueError(f"swag.max_rank={cfg.swag.max_rank} is larger than the {snapshots} snapshots the schedule "
                          f"collects (swag.epochs={cfg.swag.epochs}, swag.every={cfg.swag.every}, {steps_per_epoch} "
@@ -202,7 +198,8 @@ def recollect_member(session: Session, source: Path, out: Path, names: list[str]
         shutil.rmtree(tmp / "posteriors" / name, ignore_errors=True)
     done = read_json(source / "done.json")
     collectors = {n: cls.build(model, cfg) for n, cls in along.items()}
-    trajectory.replay(source / trajectory.DIRNAME, trajectory.snapshot_names(cfg, done["n_train"]), model, collectors)
+    snapshots = trajectory.snapshot_names(cfg, done["n_train"])
+    trajectory.replay(source / trajectory.DIRNAME, snapshots, model, collectors)
     for name, p in collectors.items():
         p.save(tmp / "posteriors" / name, session.metadata)
     log = [line for line in (source / "train_log.jsonl").read_text().splitlines()
@@ -210,7 +207,7 @@ def recollect_member(session: Session, source: Path, out: Path, names: list[str]
     atomic_write_text(tmp / "train_log.jsonl", "".join(f"{line}\n" for line in log))
     atomic_write_json(tmp / "done.json", {**done, "recollected": {
         "swag_epochs": cfg.swag.epochs, "swag_every": cfg.swag.every, "swag_max_rank": cfg.swag.max_rank,
-        "snapshots": len(trajectory.snapshot_names(cfg, done["n_train"]))}})
+        "snapshots": len(snapshots)}})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

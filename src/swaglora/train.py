@@ -171,7 +171,7 @@ class _Loop:
         self.cache.fill(list(train) + list(validation), cfg.eval.batch_size)
         self.params = trainable_parameters(scorer.model)
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.train.batch_size) / cfg.train.grad_accum)
+        self.steps_per_epoch = trajectory.steps_per_epoch(cfg, len(train))
         self.result = TrainResult(map_state=_clone(self.params))
         self.hooks = list(hooks)
         for hook in self.hooks:
