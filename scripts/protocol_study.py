@@ -184,12 +184,14 @@ class Study:
         return record
 
     def screen(self) -> dict[str, str]:
-        """One seed, one factor at a time: each factor's best value by its row's validation NLL."""
+        """One seed, one factor at a time. A factor's value with the lowest validation NLL of the factor's row is
+        adopted only when its paired bootstrap difference to the base value (same validation questions resampled for
+        both) excludes 0; otherwise the base value stays: one seed's noise does not change a default."""
         start = time.perf_counter()
         base = {name: values[0][0] for name, (_, _, values) in self.factors.items()}
-        best = {}
+        best, lowest, diffs = {}, {}, {}
         for name, (row, kind, values) in self.factors.items():
-            scores = {}
+            scores, records = {}, {}
             largest = None
             if kind == "members":  # one run with the most members, started with the base run's member 0
                 largest = self._train_flags({**base, name: max(values, key=lambda v: _members(v[1]))[0]})
@@ -201,29 +203,43 @@ class Study:
             for label, flags in values:
                 choice = {**base, name: label}
                 shared = largest if largest is not None and flags and _members(flags) != _members(largest) else None
-                record = self.run(f"screen/{name}/{_slug([label])}", self._train_flags(choice), self._eval_flags(choice),
-                                  self.seeds[0], members_from=shared, collect=shared is None and self._collectable(choice))
-                scores[label] = _score(record, row)
-            best[name] = min(scores, key=scores.get)
-        self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "base": base}
+                records[label] = self.run(f"screen/{name}/{_slug([label])}", self._train_flags(choice),
+                                          self._eval_flags(choice), self.seeds[0], members_from=shared,
+                                          collect=shared is None and self._collectable(choice))
+                scores[label] = _score(records[label], row)
+            lowest[name] = min(scores, key=scores.get)
+            diffs[name] = _differences(records, row, values[0][0])
+            best[name] = lowest[name] if diffs[name].get(lowest[name], {}).get("significant") else values[0][0]
+        self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "lowest": lowest,
+                                          "differences": diffs, "base": base}
         self._save()
         return best
 
+    def _member_factor(self) -> str | None:
+        return next((name for name, (_, kind, _) in self.factors.items() if kind == "members"), None)
+
     def confirm(self) -> dict[str, str]:
-        """The base protocol and the screen's combination with every seed; the lower mean validation NLL wins."""
+        """The base protocol and the screen's combination with every seed; the lower mean validation NLL of the
+        ``swag`` row wins. Both train the base's member count (``swag`` is member 0's posterior: more members would
+        not change the score); the screen's member count is then added to the chosen protocol."""
         start = time.perf_counter()
         stage = self.state["stages"]["screen"]
-        candidates = {"base": stage["base"], "screened": stage["best"]}
+        members = self._member_factor()
+        screened = {**stage["best"], **({members: stage["base"][members]} if members else {})}
+        candidates = {"base": stage["base"]}
+        if screened != stage["base"]:
+            candidates["screened"] = screened
         means = {}
         for name, choice in candidates.items():
             nlls = [_score(self.run(f"confirm/{name}/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed),
                            "swag") for seed in self.seeds]
             means[name] = sum(nlls) / len(nlls)
         chosen = min(means, key=means.get)
+        choice = {**candidates[chosen], **({members: stage["best"][members]} if members else {})}
         self.state["stages"]["confirm"] = {"seconds": time.perf_counter() - start, "mean_validation_nll": means,
-                                           "chosen": chosen, "choice": candidates[chosen]}
+                                           "chosen": chosen, "choice": choice}
         self._save()
-        return candidates[chosen]
+        return choice
 
     def test(self) -> None:
         """The chosen protocol on the test and shift splits, once per seed."""
@@ -252,6 +268,33 @@ def _score(record: dict, row: str) -> float:
     return validation[row if row in validation else "swag"]["nll"]
 
 
+def _validation_predictive(record: dict, row: str):
+    """``row``'s validation predictive of one evaluated run: ids, ``[N, C]`` probabilities (padded with zeros to the
+    most choices), labels. ``multiswag`` of one member is the ``swag`` row."""
+    import torch
+
+    folder = Path(record["eval_dir"]) / "eval" / "validation"
+    folder = folder / (row if (folder / row).is_dir() else "swag")
+    lines = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    width = max(len(p["probs"]) for p in lines)
+    probs = torch.tensor([p["probs"] + [0.0] * (width - len(p["probs"])) for p in lines], dtype=torch.float64)
+    labels = torch.tensor([p["labels"].index(p["answer"]) for p in lines])
+    return [p["id"] for p in lines], probs, labels
+
+
+def _differences(records: dict[str, dict], row: str, reference: str) -> dict[str, dict]:
+    """Each value's validation NLL minus the ``reference`` value's, with a 95% interval by bootstrap over the
+    validation questions, paired (the same resamples for every value): {label: {value, lo, hi, significant}}."""
+    from swaglora.metrics import paired_bootstrap
+
+    loaded = {label: _validation_predictive(r, row) for label, r in records.items()}
+    ids, _, labels = loaded[reference]
+    if any(v[0] != ids for v in loaded.values()):
+        raise SystemExit(f"the {row} rows of {sorted(records)} are not on the same validation questions")
+    boot = paired_bootstrap({label: [v[1]] for label, v in loaded.items()}, labels, reference=reference)
+    return {label: boot[label]["nll_diff"] for label in records if label != reference}
+
+
 def _slug(flags: list[str]) -> str:
     """A directory name for a flag list: readable, and a hash of the whole list (so long lists never collide)."""
     text = "_".join(f.lstrip("-") for f in flags[-4:]) or "base"
@@ -268,21 +311,31 @@ def write_report(study: Study, path: Path) -> Path:
     figures = path.parent / "protocol-study"
     figures.mkdir(parents=True, exist_ok=True)
     lines = ["# Protocol study", "", f"Base flags: `{' '.join(study.base)}`; seeds {study.seeds}. Every choice below is "
-             "made on the validation split; the test split is used once, in the last table.", ""]
+             "made on the validation split; the test split is used once, in the last table. The screen (one seed, one "
+             "factor at a time) adopts a factor's lowest-NLL value only when its paired bootstrap difference to the "
+             "base value (1,000 resamples of the validation questions, the same for every value) excludes 0, marked *; "
+             "the interval covers the questions, not the posterior's sampling noise or the seed.", ""]
     screen = state["stages"].get("screen", {})
     for name, (row, kind, values) in study.factors.items():
         rows = [(label, runs.get(f"screen/{name}/{_slug([label])}")) for label, _ in values]
         rows = [(label, r) for label, r in rows if r is not None]
         if not rows:
             continue
+        diffs = screen.get("differences", {}).get(name) or (_differences(dict(rows), row, rows[0][0]) if
+                                                             rows[0][0] == values[0][0] and len(rows) > 1 else {})
         lines += [f"## {name} ({kind} factor, scored by the `{row}` row)", "",
-                  "| value | val NLL | val ECE | val ACC | MAP val NLL | seconds |", "|---|---:|---:|---:|---:|---:|"]
+                  f"| value | val NLL | Δ NLL to {values[0][0]} [95% CI] | val ECE | val ACC | MAP val NLL | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for label, r in rows:
             v = r["metrics"]["validation"]
             shown = row if row in v else "swag"
-            mark = " **(chosen)**" if screen.get("best", {}).get(name) == label else ""
-            lines.append(f"| {label}{mark} | {v[shown]['nll']:.4f} | {v[shown]['ece']:.4f} | {v[shown]['accuracy']:.4f} | "
-                         f"{v['map']['nll']:.4f} | {r['seconds']:.0f} |")
+            mark = (" **(adopted)**" if screen.get("best", {}).get(name) == label != values[0][0] else
+                    " (lowest, not adopted)" if screen.get("lowest", {}).get(name) == label != screen.get("best", {}).get(name)
+                    else "")
+            d = diffs.get(label)
+            delta = (f"{d['value']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]{' *' if d['significant'] else ''}" if d else "")
+            lines.append(f"| {label}{mark} | {v[shown]['nll']:.4f} | {delta} | {v[shown]['ece']:.4f} | "
+                         f"{v[shown]['accuracy']:.4f} | {v['map']['nll']:.4f} | {r['seconds']:.0f} |")
         lines += ["", f"![{name}](protocol-study/{name}.png)", ""]
         fig = Figure(figsize=(4, 3))
         FigureCanvasAgg(fig)

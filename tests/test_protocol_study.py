@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_examples, write_jsonl
 
@@ -40,10 +41,31 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
     state = json.loads((out / "study.json").read_text())
     runs = state["runs"]
-    # screen: every factor's choice is the value whose swag row has the lowest validation NLL in its own files
+    # screen: every factor's lowest is the value whose row has the lowest validation NLL in its own files; it is
+    # adopted when its paired bootstrap difference to the base value excludes 0 (metrics.paired_bootstrap, tested
+    # against hand computations in test_metrics), otherwise the base value stays
+    from swaglora.metrics import paired_bootstrap
+
+    screen = state["stages"]["screen"]
     for name, (row, _, values) in study_module.TINY.items():
-        nll = {label: _nll(Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]), row) for label, _ in values}
-        assert state["stages"]["screen"]["best"][name] == min(nll, key=nll.get)
+        dirs = {label: Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]) for label, _ in values}
+        nll = {label: _nll(d, row) for label, d in dirs.items()}
+        lowest = min(nll, key=nll.get)
+        assert screen["lowest"][name] == lowest
+        probs, labels = {}, None
+        for label, d in dirs.items():
+            folder = d / "eval" / "validation" / (row if (d / "eval" / "validation" / row).is_dir() else "swag")
+            preds = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+            width = max(len(p["probs"]) for p in preds)  # fewer choices: zeros after theirs
+            probs[label] = [[p["probs"] + [0.0] * (width - len(p["probs"])) for p in preds]]
+            labels = [p["labels"].index(p["answer"]) for p in preds]
+        boot = paired_bootstrap({k: [torch.tensor(v[0], dtype=torch.float64)] for k, v in probs.items()}, labels,
+                                reference=values[0][0])
+        for label, _ in values[1:]:
+            assert screen["differences"][name][label]["value"] == pytest.approx(nll[label] - nll[values[0][0]], abs=1e-6)
+            assert screen["differences"][name][label] == pytest.approx(boot[label]["nll_diff"])
+        adopted = lowest != values[0][0] and boot[lowest]["nll_diff"]["hi"] < 0
+        assert screen["best"][name] == (lowest if adopted else values[0][0])
         for label, _ in values:  # validation only: the test split was never scored in the screen
             sets = {p.name for p in (Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]) / "eval").iterdir() if p.is_dir()}
             assert sets == {"validation"}
@@ -83,9 +105,17 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     swag = [_nll(Path(record[k]["eval_dir"]), "swag") for k in ("1", "2", "3")]
     assert swag[0] == swag[1] == swag[2]
     scores = {"1": swag[0], **{k: _nll(Path(record[k]["eval_dir"]), "multiswag") for k in ("2", "3")}}
-    assert len(set(scores.values())) == 3 and state["stages"]["screen"]["best"]["members"] == min(scores, key=scores.get)
-    # confirm: the protocol with the lower mean validation NLL over both seeds
+    assert len(set(scores.values())) == 3 and screen["lowest"]["members"] == min(scores, key=scores.get)
+    # confirm: the protocol with the lower mean validation NLL over both seeds; the screened candidate (when it
+    # differs from the base) is trained with the base's one member (its score, swag, is member 0's), and the
+    # screen's member count joins the chosen protocol afterwards
     confirm = state["stages"]["confirm"]
+    screened = {**screen["best"], "members": "1"}
+    assert set(confirm["mean_validation_nll"]) == ({"base"} if screened == screen["base"] else {"base", "screened"})
+    for key, record in runs.items():
+        if key.startswith("confirm/"):
+            assert json.loads((Path(record["train_dir"]) / "config.json").read_text())["posterior"]["members"] == 1
+    assert confirm["choice"]["members"] == screen["best"]["members"]
     for name, mean in confirm["mean_validation_nll"].items():
         assert mean == pytest.approx(sum(_nll(Path(runs[f"confirm/{name}/seed{s}"]["eval_dir"]), "swag") for s in (0, 1)) / 2)
     assert confirm["chosen"] == min(confirm["mean_validation_nll"], key=confirm["mean_validation_nll"].get)
@@ -99,3 +129,52 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     stamps = {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()}
     assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
     assert {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()} == stamps
+
+
+def _write_row(eval_dir: Path, row: str, probs: list[list[float]], answers: list[int]) -> dict:
+    folder = eval_dir / "eval" / "validation" / row
+    folder.mkdir(parents=True)
+    letters = "ABCDE"
+    lines = [json.dumps({"id": f"q{i}", "probs": p, "labels": list(letters[: len(p)]), "answer": letters[a]})
+             for i, (p, a) in enumerate(zip(probs, answers))]
+    (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    return {"eval_dir": str(eval_dir)}
+
+
+def test_screen_differences_are_paired_and_adopt_only_clear_gains(tmp_path, study_module):
+    """The screen's rule on hand-made predictions: 200 questions with 3 or 4 choices; value "better" puts more mass
+    on the answer of every question (a clear gain), "noisy" is the base with a few questions better and as many
+    worse (no gain): its interval covers 0, "better"'s lies below it. The point difference is the hand-computed
+    mean of -log p(answer) differences."""
+    import math
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    answers = torch.randint(3, (n,), generator=g).tolist()
+    widths = [3 + (i % 2) for i in range(n)]
+    base_p = [0.4 + 0.2 * torch.rand((), generator=g).item() for _ in range(n)]
+
+    def probs(p_answer: list[float]) -> list[list[float]]:
+        out = []
+        for pa, a, c in zip(p_answer, answers, widths):
+            row = [(1 - pa) / (c - 1)] * c
+            row[a] = pa
+            out.append(row)
+        return out
+
+    better = [min(p + 0.1, 0.95) for p in base_p]
+    noisy = [p + (0.05 if i % 20 == 0 else -0.05 if i % 20 == 1 else 0.0) for i, p in enumerate(base_p)]
+    records = {label: _write_row(tmp_path / label, "swag", probs(ps), answers)
+               for label, ps in (("base", base_p), ("better", better), ("noisy", noisy))}
+    diffs = study_module._differences(records, "swag", "base")
+    assert set(diffs) == {"better", "noisy"}
+    for label, ps in (("better", better), ("noisy", noisy)):
+        hand = sum(-math.log(q) + math.log(p) for q, p in zip(ps, base_p)) / n
+        assert diffs[label]["value"] == pytest.approx(hand, abs=1e-9)
+        assert diffs[label]["lo"] <= hand <= diffs[label]["hi"]
+    assert diffs["better"]["significant"] and diffs["better"]["hi"] < 0
+    assert not diffs["noisy"]["significant"] and diffs["noisy"]["lo"] < 0 < diffs["noisy"]["hi"]
+    # rows on other questions cannot be compared: refused, naming the rows
+    (tmp_path / "other").mkdir()
+    other = _write_row(tmp_path / "other", "swag", probs(base_p)[1:], answers[1:])
+    with pytest.raises(SystemExit, match="not on the same validation questions"):
+        study_module._differences({"base": records["base"], "other": other}, "swag", "base")
