@@ -125,6 +125,9 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     for name in study_module.TINY:
         assert f"## {name}" in text and (report.parent / "protocol-study" / f"{name}.png").is_file()
     assert "Test results of the chosen protocol" in text and "Time per stage" in text
+    for stage in ("screen", "confirm", "test"):  # each stage's time: the sum of its runs' recorded seconds
+        recorded = [r["seconds"] for k, r in runs.items() if k.startswith(stage + "/")]
+        assert f"| {stage} | {len(recorded)} | {sum(recorded) / 60:.1f} |" in text
     # resumable: a second call reuses every finished run (nothing is trained or evaluated again)
     stamps = {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()}
     assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
