@@ -340,7 +340,12 @@ def write_report(study: Study, path: Path) -> Path:
         fig = Figure(figsize=(4, 3))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        ax.plot(range(len(rows)), [_score(r, row) for _, r in rows], "o-", label=row)
+        scores = [_score(r, row) for _, r in rows]
+        # each value's score with the 95% interval of its paired difference to the base value, drawn around it
+        low = [d - (diffs[lab]["value"] - diffs[lab]["lo"]) if lab in diffs else d for (lab, _), d in zip(rows, scores)]
+        high = [d + (diffs[lab]["hi"] - diffs[lab]["value"]) if lab in diffs else d for (lab, _), d in zip(rows, scores)]
+        ax.errorbar(range(len(rows)), scores, yerr=[[d - lo for d, lo in zip(scores, low)], [hi - d for d, hi in zip(scores, high)]],
+                    fmt="o-", capsize=3, label=f"{row} (95% CI of Δ to {values[0][0]})")
         ax.plot(range(len(rows)), [r["metrics"]["validation"]["map"]["nll"] for _, r in rows], "s--", label="map")
         ax.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20, fontsize=7)
         ax.set_ylabel("validation NLL")
