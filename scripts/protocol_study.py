@@ -354,8 +354,23 @@ def write_report(study: Study, path: Path) -> Path:
         fig.tight_layout()
         fig.savefig(figures / f"{name}.png", dpi=100)
     confirm = state["stages"].get("confirm")
+    confirm_runs = sorted(k for k in runs if k.startswith("confirm/"))
+    if confirm_runs:
+        screened = {k: v for k, v in screen.get("best", {}).items() if v != screen.get("base", {}).get(k)}
+        lines += ["## Confirmation" + ("" if confirm else " (in progress)"), "",
+                  f"`base`: the base protocol; `screened`: the base with the screen's adopted values "
+                  f"(`{json.dumps(screened)}`; the member count is added after the confirmation). Validation split, "
+                  "every seed:", "", "| protocol | seed | swag NLL | swag ECE | swag ACC | MAP NLL | MAP ECE | MAP ACC | minutes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in confirm_runs:
+            r, (_, name, seed) = runs[key], key.split("/")
+            v = r["metrics"]["validation"]
+            lines.append(f"| {name} | {seed.removeprefix('seed')} | {v['swag']['nll']:.4f} | {v['swag']['ece']:.4f} | "
+                         f"{v['swag']['accuracy']:.4f} | {v['map']['nll']:.4f} | {v['map']['ece']:.4f} | "
+                         f"{v['map']['accuracy']:.4f} | {r['seconds'] / 60:.1f} |")
+        lines.append("")
     if confirm:
-        lines += ["## Confirmation", "", "| protocol | mean validation NLL (swag) |", "|---|---:|"]
+        lines += ["| protocol | mean validation NLL (swag) |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in confirm["mean_validation_nll"].items()]
         lines += ["", f"Chosen: **{confirm['chosen']}**: `{json.dumps(confirm['choice'])}`", ""]
     tests = [runs[k] for k in sorted(runs) if k.startswith("test/")]

@@ -125,6 +125,11 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     for name in study_module.TINY:
         assert f"## {name}" in text and (report.parent / "protocol-study" / f"{name}.png").is_file()
     assert "Test results of the chosen protocol" in text and "Time per stage" in text
+    for key, record in runs.items():  # every confirmation run's validation NLL of swag and map, per seed
+        if key.startswith("confirm/"):
+            _, name, seed = key.split("/")
+            v = record["metrics"]["validation"]
+            assert f"| {name} | {seed[4:]} | {v['swag']['nll']:.4f} |" in text and f"| {v['map']['nll']:.4f} |" in text
     for stage in ("screen", "confirm", "test"):  # each stage's time: the sum of its runs' recorded seconds
         recorded = [r["seconds"] for k, r in runs.items() if k.startswith(stage + "/")]
         assert f"| {stage} | {len(recorded)} | {sum(recorded) / 60:.1f} |" in text
