@@ -11,9 +11,12 @@ Stages (each skips the runs that are already done, so an interrupted study conti
    protocol with the most SWAG epochs records its SWAG-phase trajectory (``--swag-keep-trajectory``) and every
    value's run, the base protocol's included, is rebuilt from it with ``train --recollect-from`` (bit for bit what
    training with those settings gives; tests/test_recollect.py). Every run is scored with
-   ``swaglora evaluate --validation-only``: the test split is never loaded.
-2. ``confirm``: the base protocol and the protocol made of each factor's best value (by the validation NLL of the
-   factor's row: ``swag``, or ``multiswag`` for members), with ``--seeds`` (3 by default), again on validation only.
+   ``swaglora evaluate --validation-only``: the test split is never loaded. A factor's value with the lowest
+   validation NLL of the factor's row (``swag``, or ``multiswag`` for members) is adopted only when its paired
+   bootstrap difference to the base value excludes 0; otherwise the base value stays.
+2. ``confirm``: the base protocol and the protocol made of the adopted values, with ``--seeds`` (3 by default), one
+   member each (the score, ``swag``, is member 0's), again on validation only; the adopted member count joins the
+   chosen protocol afterwards.
 3. ``test``: the chosen protocol (the better of the two by mean validation NLL over seeds), evaluated once on the
    full test and shift splits.
 4. ``report``: ``docs/protocol-study.md`` (one table and one plot per factor, the stage times, the choice, the test
