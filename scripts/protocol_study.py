@@ -273,16 +273,15 @@ def _score(record: dict, row: str) -> float:
 
 def _validation_predictive(record: dict, row: str):
     """``row``'s validation predictive of one evaluated run: ids, ``[N, C]`` probabilities (padded with zeros to the
-    most choices), labels. ``multiswag`` of one member is the ``swag`` row."""
+    most choices, as the report reads them), labels. ``multiswag`` of one member is the ``swag`` row."""
     import torch
 
+    from swaglora.reporting.load import read_predictions
+
     folder = Path(record["eval_dir"]) / "eval" / "validation"
-    folder = folder / (row if (folder / row).is_dir() else "swag")
-    lines = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
-    width = max(len(p["probs"]) for p in lines)
-    probs = torch.tensor([p["probs"] + [0.0] * (width - len(p["probs"])) for p in lines], dtype=torch.float64)
-    labels = torch.tensor([p["labels"].index(p["answer"]) for p in lines])
-    return [p["id"] for p in lines], probs, labels
+    preds = read_predictions(folder / (row if (folder / row).is_dir() else "swag") / "predictions.jsonl")
+    labels = torch.tensor([r["labels"].index(r["answer"]) for r in preds.rows])
+    return [r["id"] for r in preds.rows], torch.from_numpy(preds.probs), labels
 
 
 def _differences(records: dict[str, dict], row: str, reference: str) -> dict[str, dict]:
@@ -345,10 +344,10 @@ def write_report(study: Study, path: Path) -> Path:
         ax = fig.add_subplot()
         scores = [_score(r, row) for _, r in rows]
         # each value's score with the 95% interval of its paired difference to the base value, drawn around it
-        low = [d - (diffs[lab]["value"] - diffs[lab]["lo"]) if lab in diffs else d for (lab, _), d in zip(rows, scores)]
-        high = [d + (diffs[lab]["hi"] - diffs[lab]["value"]) if lab in diffs else d for (lab, _), d in zip(rows, scores)]
-        ax.errorbar(range(len(rows)), scores, yerr=[[d - lo for d, lo in zip(scores, low)], [hi - d for d, hi in zip(scores, high)]],
-                    fmt="o-", capsize=3, label=f"{row} (95% CI of Δ to {values[0][0]})")
+        below = [diffs[lab]["value"] - diffs[lab]["lo"] if lab in diffs else 0.0 for lab, _ in rows]
+        above = [diffs[lab]["hi"] - diffs[lab]["value"] if lab in diffs else 0.0 for lab, _ in rows]
+        ax.errorbar(range(len(rows)), scores, yerr=[below, above], fmt="o-", capsize=3,
+                    label=f"{row} (95% CI of Δ to {values[0][0]})")
         ax.plot(range(len(rows)), [r["metrics"]["validation"]["map"]["nll"] for _, r in rows], "s--", label="map")
         ax.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=20, fontsize=7)
         ax.set_ylabel("validation NLL")

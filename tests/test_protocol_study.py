@@ -143,7 +143,9 @@ def _write_row(eval_dir: Path, row: str, probs: list[list[float]], answers: list
     folder = eval_dir / "eval" / "validation" / row
     folder.mkdir(parents=True)
     letters = "ABCDE"
-    lines = [json.dumps({"id": f"q{i}", "probs": p, "labels": list(letters[: len(p)]), "answer": letters[a]})
+    lines = [json.dumps({"id": f"q{i}", "probs": p, "labels": list(letters[: len(p)]), "answer": letters[a],
+                         "confidence": max(p), "correct": p[a] == max(p), "total_entropy": 0.0,
+                         "expected_entropy": 0.0, "mutual_information": 0.0})
              for i, (p, a) in enumerate(zip(probs, answers))]
     (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     return {"eval_dir": str(eval_dir)}

@@ -45,7 +45,7 @@ class _Run:
 _PRED_FIELDS = ("probs", "confidence", "correct", "total_entropy", "expected_entropy", "mutual_information")
 
 
-def _read_predictions(path: Path) -> _Preds:
+def read_predictions(path: Path) -> _Preds:
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -101,7 +101,7 @@ def _load_run(run_dir: Path, index: int, notes: list[str]) -> _Run:
         if seed is None and m.get("seed") is not None:
             seed = m["seed"]
         pf = mf.parent / "predictions.jsonl"
-        preds = _read_predictions(pf) if pf.is_file() else None
+        preds = read_predictions(pf) if pf.is_file() else None
         if preds is None:
             notes.append(f"{run_dir}: no predictions.jsonl for {method} on {eval_set}; "
                          f"derived metrics (OOD, selective, abstention) skipped there.")
