@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/swaglora run --out runs/demo
+	$(VENV)/bin/swaglora run --preset demo --out runs/demo
 
 # The suite pins `--dtype auto` to float32 (tests/conftest.py), so it passes the same on every CPU.
 test: $(STAMP)

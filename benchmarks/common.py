@@ -23,7 +23,8 @@ from swaglora.models import LoadedModel, load_model
 from swaglora.members import Session, open_session
 
 TASK = "arc_easy"
-#: the default protocol of README "What make demo does": cloze scoring, LoRA all-linear on the top 2 layers
+#: the demo protocol (`--preset demo`, the defaults when these benchmarks were written; README "What make demo
+#: does"): cloze scoring, LoRA all-linear on the top 2 layers, the cached prefix this file measures
 DEFAULT_PROTOCOL = dict(scoring="cloze", targets="all-linear", layers="top:2")
 #: the paper's LoRA layout (Onal et al. 2024): r=8 on q_proj,v_proj of every layer, letter scoring
 PAPER_LAYOUT = dict(scoring="letter", targets="q_proj,v_proj", layers="all")

@@ -42,6 +42,11 @@ from swaglora.io import atomic_write_json, atomic_write_text
 
 LR = 1e-3  # the base protocol's MAP learning rate (the product default)
 
+#: The protocol the screen varies around: the product's defaults before this study chose new ones (LoRA on every
+#: linear module of the top 2 layers, S=4; now ``--preset demo`` with the full splits), pinned so that the study
+#: re-runs the same whatever the defaults are now. Prepended to the base flags; a base flag given later wins.
+BASE_PROTOCOL = ["--lora-targets", "all-linear", "--lora-layers", "top:2", "--samples", "4"]
+
 #: factor -> (row whose validation NLL scores it, kind, [(label, CLI flags)]). The first value of every factor is
 #: the base protocol's (no flags: the product defaults plus the study's base flags), so its run is shared. Kinds:
 #: train (a run per value), collect (rebuilt from the recorded trajectory), members, eval (the base run evaluated
@@ -245,13 +250,22 @@ class Study:
         return choice
 
     def test(self) -> None:
-        """The chosen protocol on the test and shift splits, once per seed."""
+        """The chosen protocol on the test and shift splits, once per seed; then the product's report over the
+        seeds (``swaglora report``: pooled bootstrap intervals, paired differences to MAP, OOD detection,
+        selective prediction) in ``<out>/test-report``."""
         start = time.perf_counter()
         choice = self.state["stages"]["confirm"]["choice"]
-        for seed in self.seeds:
-            self.run(f"test/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed, validation_only=False)
-        self.state["stages"]["test"] = {"seconds": time.perf_counter() - start}
+        records = [self.run(f"test/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed,
+                            validation_only=False) for seed in self.seeds]
+        code = swaglora(["report", *(r["eval_dir"] for r in records), "--out", str(self.test_report_dir)])
+        if code:
+            raise SystemExit(f"reporting the test runs into {self.test_report_dir} failed ({code})")
+        self.state["stages"]["test"] = {"seconds": time.perf_counter() - start, "report": str(self.test_report_dir)}
         self._save()
+
+    @property
+    def test_report_dir(self) -> Path:
+        return self.out / "test-report"
 
 
 def _last(flags: list[str], flag: str, default):
@@ -375,6 +389,8 @@ def write_report(study: Study, path: Path) -> Path:
         lines += ["| protocol | mean validation NLL (swag) |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in confirm["mean_validation_nll"].items()]
         lines += ["", f"Chosen: **{confirm['chosen']}**: `{json.dumps(confirm['choice'])}`", ""]
+        if confirm.get("note"):  # e.g. a confirmation whose records were restored by hand from an earlier report
+            lines += [f"Note: {confirm['note']}", ""]
     tests = [runs[k] for k in sorted(runs) if k.startswith("test/")]
     if tests:
         sets = sorted({s for r in tests for s in r["metrics"] if s != "validation"})
@@ -382,6 +398,16 @@ def write_report(study: Study, path: Path) -> Path:
         lines += [f"| {r['seed']} | {s} | {m} | {v['accuracy']:.4f} | {v['ece']:.4f} | {v['nll']:.4f} |"
                   for r in tests for s in sets for m, v in r["metrics"].get(s, {}).items()]
         lines.append("")
+        # pooled over the seeds, with the intervals of every metric and the paired differences to MAP (the same
+        # resampled questions for every method and seed); the full report is the test stage's test-report
+        from swaglora.report import collect_results, interval_tables
+
+        pooled = interval_tables(collect_results([Path(r["eval_dir"]) for r in tests]))
+        lines += [line.replace("## Intervals", "### Intervals", 1).replace("### `", "#### `", 1) if line.startswith("#") else line
+                  for line in pooled]
+        if "test" in state["stages"]:
+            lines += [f"Full report over the seeds (OOD detection, selective prediction, figures): "
+                      f"`{state['stages']['test']['report']}/report.md`.", ""]
     # a stage's time is the sum of its runs' (each run's training, or its recollection or copy, and its evaluation,
     # as recorded when it finished): correct across interrupted and resumed processes, which the stage's own clock
     # is not; the work of an interrupted training's unfinished epoch is not counted
@@ -407,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if not base:  # the study's protocol: full ARC-Easy train (2,251) and validation (570) splits
         base = ["--task", "arc_easy", "--train-limit", "0", "--val-limit", "0", "--eval-limit", "0", "--members", "1",
                 "--methods", "map,swag,multiswag"]
+    base = BASE_PROTOCOL + base
     study = Study(Path(args.out), base, TINY if args.grid == "tiny" else FACTORS, [int(s) for s in args.seeds.split(",")])
     stages = ["screen", "confirm", "test", "report"] if args.stage == "all" else [args.stage]
     for stage in stages:

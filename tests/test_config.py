@@ -167,7 +167,7 @@ def test_samples_and_members_moved_to_the_posterior_section_and_old_files_still_
     both.write_text(json.dumps({"swag": {"samples": 7}, "posterior": {"samples": 3}}))
     with pytest.raises(ConfigError, match="swag.samples and posterior.samples are the same setting"):
         load_config_file(both)
-    assert "samples" not in config_to_dict(RunConfig())["swag"] and PosteriorConfig().samples == 4
+    assert "samples" not in config_to_dict(RunConfig())["swag"] and PosteriorConfig().samples == 15
     cli = build_parser().parse_args(["run", "--swag-samples", "6", "--samples", "9"])  # old flag is an alias
     assert resolve_config(cli).posterior.samples == 9
 

@@ -301,10 +301,11 @@ def test_a_question_gets_the_same_weight_sampled_probabilities_in_every_set(tmp_
             assert a["mutual_information"] > 0  # really sampled: the draws disagree
 
 
-def test_multiswag_row_equals_the_ensemble_through_predict_probs(tmp_path, tiny_model_dir, data_files):
+def test_multiswag_row_equals_the_ensemble_through_predict_probs(tmp_path, tiny_model_dir, data_files, capsys):
     """The table computes a mixture row from its members' predictions (each predicted once, shared with the
     single-member row); that is exactly the Ensemble's predictive through predict_probs with one generator per
-    member."""
+    member. Run with ``--preset demo`` (make demo's): its placement is used, flags given after it win, and it says
+    before it starts and under the table that it is not the defaults."""
     from swaglora.evaluate import draw_generator
     from swaglora.members import open_session
     from swaglora.posterior import Ensemble
@@ -313,9 +314,16 @@ def test_multiswag_row_equals_the_ensemble_through_predict_probs(tmp_path, tiny_
     from swaglora.selection import eval_data
 
     run = tmp_path / "run"
-    assert main(["run", "--out", str(run), *_common(tiny_model_dir, data_files), "--methods", "swag,multiswag",
+    assert main(["run", "--preset", "demo", "--out", str(run), *_common(tiny_model_dir, data_files), "--methods", "swag,multiswag",
                  "--dtype", "float32"]) == 0
+    from swaglora.presets import PRESET_NOTES
+
+    printed = capsys.readouterr()
+    assert PRESET_NOTES["demo"] in printed.err  # before it starts
+    table = printed.out.index("95% intervals over the questions")
+    assert printed.out.index(PRESET_NOTES["demo"]) > table  # and under the table with its intervals
     cfg = load_run_config(run)
+    assert (cfg.lora.layers, cfg.lora.targets, cfg.posterior.samples, cfg.data.train_limit) == ("top:2", "all-linear", 3, 400)
     session = open_session(cfg)
     members = [run / "members" / str(i) for i in range(2)]
     ensemble = Ensemble([load_posterior(m / "posteriors" / "swag") for m in members])

@@ -125,6 +125,15 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     for name in study_module.TINY:
         assert f"## {name}" in text and (report.parent / "protocol-study" / f"{name}.png").is_file()
     assert "Test results of the chosen protocol" in text and "Time per stage" in text
+    # the test stage's pooled report (swaglora report over the seeds): its paired difference of swag to MAP is the
+    # mean over seeds of the per-seed NLL differences, and the study's report shows it with its interval
+    pooled = json.loads((out / "test-report" / "results.json").read_text())
+    assert pooled["seeds"] == [0, 1] and (out / "test-report" / "report.md").is_file()
+    diff = next(d for b in pooled["intervals"] if b["eval_set"] == "test" for d in b["methods"] if d["method"] == "swag")["nll_diff"]
+    dirs = [Path(runs[f"test/seed{s}"]["eval_dir"]) for s in (0, 1)]
+    assert diff["value"] == pytest.approx(sum(_nll(d, "swag", "test") - _nll(d, "map", "test") for d in dirs) / 2, abs=1e-6)
+    assert diff["lo"] <= diff["value"] <= diff["hi"]
+    assert f"{diff['value']:+.4f} [{diff['lo']:.4f}, {diff['hi']:.4f}]" in text
     for key, record in runs.items():  # every confirmation run's validation NLL of swag and map, per seed
         if key.startswith("confirm/"):
             _, name, seed = key.split("/")
@@ -188,3 +197,30 @@ def test_screen_differences_are_paired_and_adopt_only_clear_gains(tmp_path, stud
     other = _write_row(tmp_path / "other", "swag", probs(base_p)[1:], answers[1:])
     with pytest.raises(SystemExit, match="not on the same validation questions"):
         study_module._differences({"base": records["base"], "other": other}, "swag", "base")
+
+
+def test_defaults_are_the_studys_choice_and_the_demo_is_its_base(study_module):
+    """The product defaults are the protocol study's confirmed choice on ARC-Easy (docs/protocol-study.md: the
+    paper's placement and S=15 over the base, the other factors at their base values, the full splits), and
+    ``--preset demo`` is the base protocol the study screened around (its pinned flags) with subsets."""
+    from swaglora.cli import build_parser, resolve_config
+    from swaglora.config import RunConfig, config_to_dict
+
+    def cfg(*flags):
+        return config_to_dict(resolve_config(build_parser().parse_args(["run", *flags])))
+
+    factors = study_module.FACTORS
+    chosen = {"placement": "all, q_proj+v_proj", "samples": "S=15"}  # the confirmation's choice (seeds 0-2)
+    flags = [f for name, label in chosen.items() for f in study_module._flags(factors[name][2], label)]
+    full_splits = ["--train-limit", "0", "--val-limit", "0", "--eval-limit", "0"]  # the study's base flags
+    defaults = config_to_dict(RunConfig())
+    assert cfg(*study_module.BASE_PROTOCOL, *full_splits, *flags) == defaults
+    # every other factor's base value adds no flag: the defaults keep it
+    assert all(values[0][1] == [] for _, _, values in factors.values())
+    assert (defaults["lora"]["layers"], defaults["lora"]["targets"], defaults["posterior"]["samples"]) == ("all", "q_proj,v_proj", 15)
+    assert (defaults["data"]["train_limit"], defaults["data"]["val_limit"], defaults["eval"]["limit"]) == (0, 0, 0)
+    demo = cfg("--preset", "demo")
+    base = cfg(*study_module.BASE_PROTOCOL)
+    assert {k: demo[k] for k in ("lora", "posterior", "swag", "train")} == {k: base[k] for k in ("lora", "posterior", "swag", "train")}
+    assert (demo["lora"]["layers"], demo["posterior"]["samples"], demo["data"]["train_limit"], demo["eval"]["limit"]) == ("top:2", 4, 400, 150)
+    assert demo["data"] == {**base["data"], "train_limit": 400, "val_limit": 100}

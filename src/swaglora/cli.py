@@ -41,7 +41,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...]
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"YAML or JSON file with nested sections ({', '.join(SECTIONS)})")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of settings (paper = Onal et al. 2024, blob-paper = Wang et al. 2024)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of settings (demo = the cheap protocol of make demo, paper = Onal et al. 2024, blob-paper = Wang et al. 2024)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key (repeatable); unknown keys and wrong types are rejected")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -165,6 +165,15 @@ def _print_choice(cfg: RunConfig) -> None:
           f"{_dtype_reason(runtime)}, task {cfg.data.data or cfg.data.task}", file=sys.stderr)
 
 
+def _print_preset(args: argparse.Namespace, file=None) -> None:
+    """The warning of a preset that runs something other than the defaults (``PRESET_NOTES``), if it has one."""
+    from .presets import PRESET_NOTES
+
+    note = PRESET_NOTES.get(getattr(args, "preset", None) or "")
+    if note:
+        print(f"\n{note}" if file is sys.stdout else note, file=file or sys.stderr)
+
+
 def _dtype_reason(runtime: dict) -> str:
     """Why ``--dtype auto`` took what it took (empty when --dtype named one)."""
     from .models import AUTO_DTYPE_ENV
@@ -251,12 +260,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         jobs = [(apply_overrides(cfg, {"train.seed": s}), out / f"seed-{s}") for s in seeds] or [(cfg, out)]
         plans = [validate.preflight(c, "run", d, overwrite=args.overwrite) for c, d in jobs]  # all before any work
         _print_choice(cfg)
+        _print_preset(args)
         if seeds and _is_main():
             validate.claim_dir(out)  # the parent of the seed runs holds their report
         for (job_cfg, run_dir), plan in zip(jobs, plans):
             pipeline.run(job_cfg, run_dir, progress=progress, overwrite=args.overwrite, plan=plan, abstain_risk=args.abstain_risk)
         if _is_main():
             _report([d for _, d in jobs], out, args.abstain_risk)
+            _print_preset(args, file=sys.stdout)  # again beside the table it qualifies
         return 0
     if args.command == "train":
         source = Path(args.recollect_from) if args.recollect_from else None

@@ -71,8 +71,8 @@ class LoraSettings:
     r: int = _f(8, "LoRA rank")
     alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
     dropout: float = _f(0.1, "LoRA dropout probability (also the MC-dropout rate)")
-    targets: str = _f("all-linear", "comma-separated module names (the paper: q_proj,v_proj), or all-linear")
-    layers: str = _f("top:2", "which transformer layers get LoRA: all, or top:K (the frozen lower layers are then computed once and reused)")
+    targets: str = _f("q_proj,v_proj", "comma-separated module names, or all-linear (default q_proj,v_proj: the paper's, and the protocol study's choice on validation, docs/protocol-study.md)")
+    layers: str = _f("all", "which transformer layers get LoRA: all (the default: the paper's, and the protocol study's choice), or top:K (the frozen lower layers are then computed once and reused: much cheaper, less accurate)")
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -96,8 +96,8 @@ class LoraSettings:
 class DataConfig:
     task: str = _f("arc_easy", "bundled training task (obqa, cqa, arc_easy, arc_challenge, mmlu)", flag="--task")
     data: str = _f("", "training data instead of --task: a JSONL file or hf:<dataset id>", flag="--data")
-    train_limit: int = _f(400, "use at most this many training examples (0 = all), a seeded subset", flag="--train-limit")
-    val_limit: int = _f(100, "use at most this many validation examples (0 = all)", flag="--val-limit")
+    train_limit: int = _f(0, "use at most this many training examples (0 = all, the default), a seeded subset", flag="--train-limit")
+    val_limit: int = _f(0, "use at most this many validation examples (0 = all, the default)", flag="--val-limit")
     val_fraction: float = _f(0.2, "validation fraction of train when the data has no validation split", flag="--val-fraction")
 
     def __post_init__(self) -> None:
@@ -182,8 +182,8 @@ class SWAGConfig:
 class PosteriorConfig:
     """Settings every posterior method shares."""
 
-    samples: int = _f(4, "posterior samples S per member and prediction (BMA)", flag=("--samples", "--swag-samples"))
-    members: int = _f(2, "members trained with independent seeds (MultiSWAG, deep ensembles)", flag="--members")
+    samples: int = _f(15, "posterior samples S per member and prediction (BMA; 15: the paper's, and the protocol study's choice over 4 and 30)", flag=("--samples", "--swag-samples"))
+    members: int = _f(2, "members trained with independent seeds (MultiSWAG, deep ensembles; 2 = the fewest that give those rows: the protocol study found no significant gain from 5)", flag="--members")
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.members < 1:
@@ -258,7 +258,7 @@ class EvalConfig:
     split: str = _f("test", "split of the training task to evaluate on", flag="--split")
     test: str = _f("", "in-distribution test set instead of the task's split (a JSONL file or hf:<id>)", flag="--test-data")
     shift: str = _f("arc_challenge,obqa", "comma-separated shift sets evaluated too (bundled task names, mmlu:<group or subject>, files; blob = BLoB's protocol: arc_challenge,arc_easy,mmlu:college_chemistry,mmlu:college_physics)", flag=("--shift", "--eval"))
-    limit: int = _f(150, "evaluate at most this many examples per set (0 = all), a seeded subset", flag="--eval-limit")
+    limit: int = _f(0, "evaluate at most this many examples per set (0 = all, the default), a seeded subset", flag="--eval-limit")
     batch_size: int = _f(16, "evaluation batch size", flag="--eval-batch-size")
     methods: str = _f("default", "comma-separated table rows, 'default' (MAP and the SWAG family with its ensemble baseline: `swaglora methods` marks them) or 'all'", flag="--methods")
     calibrate: str = _f("", "post-hoc calibration added as '<method>+ts' rows: '' (none) or temperature", flag="--calibrate")

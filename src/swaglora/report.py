@@ -20,6 +20,7 @@ Public API
 * :func:`write_report` writes ``report.md``, ``results.csv``, ``results.json`` and PNG
   figures under ``figures/`` (every file atomically) and returns the path of ``report.md``.
 * :func:`print_table` renders a compact plain-text table for the terminal.
+* :func:`interval_tables` renders report.md's section of bootstrap intervals and paired differences to MAP.
 
 Number format (report.md)
 -------------------------
@@ -40,12 +41,12 @@ from typing import Any
 
 from .io import atomic_write_json, atomic_write_text
 from .reporting.collect import ABSTAIN_METRICS, BASE_METRICS, COVERAGES, OOD_SCORES, OOD_STATS, SELECTIVE_METRICS, _public, add_abstention, collect_results
-from .reporting.render import DECIMALS, METRIC_LABELS, _csv_text, _markdown, format_cell, format_number, print_table
+from .reporting.render import DECIMALS, METRIC_LABELS, _csv_text, _markdown, format_cell, format_number, interval_tables, print_table
 from .reporting.figures import _figures
 from .reporting.load import _raw_runs
 
 __all__ = [
-    "collect_results", "write_report", "print_table", "add_abstention", "format_number", "format_cell",
+    "collect_results", "write_report", "print_table", "interval_tables", "add_abstention", "format_number", "format_cell",
     "DECIMALS", "METRIC_LABELS", "BASE_METRICS", "SELECTIVE_METRICS", "OOD_STATS",
     "OOD_SCORES", "ABSTAIN_METRICS", "COVERAGES",
 ]

@@ -46,7 +46,9 @@ def _interval_cell(d: dict[str, Any], signed: bool = False) -> str:
     return f"{value} [{d['lo']:.{DECIMALS}f}, {d['hi']:.{DECIMALS}f}]{star}"
 
 
-def _interval_tables(results: dict[str, Any]) -> list[str]:
+def interval_tables(results: dict[str, Any]) -> list[str]:
+    """The markdown section "Intervals and differences to MAP": per evaluation set, every method's 95% bootstrap
+    intervals and its paired difference to MAP (empty when ``results`` has no intervals)."""
     intervals = results.get("intervals") or []
     if not intervals:
         return []
@@ -210,7 +212,7 @@ def _md_results(results: dict[str, Any]) -> list[str]:
         L += ["### Validation split", ""] + _metric_table(results, val_sets, BASE_METRICS)
     L += ["### Posterior samples per method", ""]
     L += _md_table(["Method", "Samples"], [[_md_escape(m), str(results["n_samples"][m])] for m in results["methods"]])
-    L += _interval_tables(results)
+    L += interval_tables(results)
     L += _md_costs(results)
     return L
 
