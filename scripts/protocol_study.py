@@ -48,7 +48,7 @@ LR = 1e-3  # the base protocol's MAP learning rate (the product default)
 BASE_PROTOCOL = ["--lora-targets", "all-linear", "--lora-layers", "top:2", "--samples", "4"]
 
 #: factor -> (row whose validation NLL scores it, kind, [(label, CLI flags)]). The first value of every factor is
-#: the base protocol's (no flags: the product defaults plus the study's base flags), so its run is shared. Kinds:
+#: the base protocol's (no flags: BASE_PROTOCOL plus the study's base flags), so its run is shared. Kinds:
 #: train (a run per value), collect (rebuilt from the recorded trajectory), members, eval (the base run evaluated
 #: with other flags).
 FACTORS: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
@@ -398,16 +398,16 @@ def write_report(study: Study, path: Path) -> Path:
         lines += [f"| {r['seed']} | {s} | {m} | {v['accuracy']:.4f} | {v['ece']:.4f} | {v['nll']:.4f} |"
                   for r in tests for s in sets for m, v in r["metrics"].get(s, {}).items()]
         lines.append("")
+    if "test" in state["stages"]:
         # pooled over the seeds, with the intervals of every metric and the paired differences to MAP (the same
-        # resampled questions for every method and seed); the full report is the test stage's test-report
-        from swaglora.report import collect_results, interval_tables
+        # resampled questions for every method and seed), as the test stage's `swaglora report` computed them
+        from swaglora.report import interval_tables
 
-        pooled = interval_tables(collect_results([Path(r["eval_dir"]) for r in tests]))
+        report_dir = Path(state["stages"]["test"]["report"])
+        pooled = interval_tables(json.loads((report_dir / "results.json").read_text()))
         lines += [line.replace("## Intervals", "### Intervals", 1).replace("### `", "#### `", 1) if line.startswith("#") else line
                   for line in pooled]
-        if "test" in state["stages"]:
-            lines += [f"Full report over the seeds (OOD detection, selective prediction, figures): "
-                      f"`{state['stages']['test']['report']}/report.md`.", ""]
+        lines += [f"Full report over the seeds (OOD detection, selective prediction, figures): `{report_dir}/report.md`.", ""]
     # a stage's time is the sum of its runs' (each run's training, or its recollection or copy, and its evaluation,
     # as recorded when it finished): correct across interrupted and resumed processes, which the stage's own clock
     # is not; the work of an interrupted training's unfinished epoch is not counted
