@@ -1,8 +1,13 @@
 """Evaluating a run: the table rows it asks for, and every row on every evaluation set through
-:func:`predict.predict_probs`, with temperature scaling on top where asked; the files are :mod:`rundir`'s."""
+:func:`predict.predict_probs`, with temperature scaling on top where asked; the files are :mod:`rundir`'s.
+An interrupted evaluation resumes: each finished prediction is kept in ``eval/.checkpoints/`` (:class:`SampleStore`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,18 +17,21 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .calibration import apply_temperature, fit_temperature
-from .config import RunConfig
+from ._version import __version__
+from .config import RunConfig, config_to_dict
 from .data import MCQExample
-from .io import atomic_write_json, read_json
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from .members import Session, add_posthoc_posterior, draw_generator
 from .params import trainable_parameters
 from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
-from .rundir import member_dirs, set_dir_name, write_abstention, write_eval
+from .models import runtime_info
+from .rundir import EVAL_CHECKPOINTS, RESULT_NEUTRAL, member_dirs, set_dir_name, write_abstention, write_eval
 from .selection import base_examples, check_eval_split, eval_data
 
 __all__ = ["SCALE_GRID", "requested_rows", "row_unavailable", "table_rows", "eval_sets", "draw_generator",
-           "member_posterior", "row_probs", "temperature_scale", "abstention_rule", "evaluate_run", "evaluate_base"]
+           "member_posterior", "row_probs", "temperature_scale", "abstention_rule", "evaluate_run", "evaluate_base",
+           "SampleStore"]
 
 
 #: ``--swag-scale auto`` chooses among these covariance scales by validation NLL.
@@ -102,27 +110,103 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     check_posteriors(session, members, rows)
     sets = [(n, r, ex) for n, r, ex in eval_sets(session) if ex]
     bar = tqdm(desc="evaluate", disable=not progress, leave=False, unit="ex")
-    evaluation = _RowEvaluation(session, members, sets, out_dir, bar, abstain_risk)
+    store = SampleStore(session, out_dir)
+    evaluation = _RowEvaluation(session, members, sets, out_dir, bar, abstain_risk, store)
     results = [result for name in rows for result in evaluation.write_row(row(name))]
     bar.close()
+    store.clear()  # every row is written: nothing is left to resume
     return results
+
+
+class SampleStore:
+    """The sample probabilities ``[S, N, C]`` of each prediction an evaluation has finished, one safetensors file
+    per (members, posterior, draws, scale, set) in ``eval/.checkpoints/``, written as soon as it is computed.
+    An evaluation that is killed, crashes or is stopped and then run again reads them instead of predicting
+    again, and ends with the same files as one that was never stopped (a prediction is a function of its key
+    only: its weight and in-forward draws come from generators seeded by the key, :func:`draw_generator`).
+
+    A file's name is the sha256 of everything its probabilities depend on: the run's config (less the settings
+    that only choose which rows to show, and :data:`rundir.RESULT_NEUTRAL`), the resolved dtype and device, the
+    torch and swaglora versions, the base model and LoRA (``Session.metadata``), each member's ``done.json``
+    and saved posterior files (by content), the examples of the set (by content) and the row's draws. Anything
+    else, and a stale file is never read: it is simply not found. The directory is removed once every row is
+    written, so a finished run carries no extra files.
+    """
+
+    IGNORED = {"eval.methods", "eval.calibrate"} | RESULT_NEUTRAL
+
+    def __init__(self, session: Session, out_dir: Path) -> None:
+        config = {f"{section}.{k}": v for section, values in config_to_dict(session.cfg).items() for k, v in values.items()}
+        runtime = runtime_info(session.cfg.model)
+        self.base = {"config": {k: v for k, v in config.items() if k not in self.IGNORED},
+                     "runtime": {k: runtime[k] for k in ("dtype", "device", "torch")},
+                     "library_version": __version__, "model": session.metadata}
+        self.directory = Path(out_dir) / "eval" / EVAL_CHECKPOINTS
+        self._digests: dict[Any, str] = {}
+        self.hits = 0
+
+    def member(self, member: Path, saved: str) -> str:
+        """The sha256 of a member's ``done.json`` and of the files of its saved posterior ``saved``."""
+        if (member, saved) not in self._digests:
+            h = hashlib.sha256((member / "done.json").read_bytes())
+            directory = member / "posteriors" / saved
+            for f in sorted(p for p in directory.iterdir() if p.is_file()):
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+            self._digests[member, saved] = h.hexdigest()
+        return self._digests[member, saved]
+
+    def examples(self, set_name: str, examples: list[MCQExample]) -> str:
+        """The sha256 of the examples of ``set_name`` (one list per set in an evaluation)."""
+        key = ("set", set_name)
+        if key not in self._digests:
+            text = json.dumps([[ex.id, ex.question, list(ex.choices), list(ex.labels), ex.answer, ex.subject]
+                               for ex in examples])
+            self._digests[key] = hashlib.sha256(text.encode()).hexdigest()
+        return self._digests[key]
+
+    def get(self, key: dict[str, Any], compute: Any) -> torch.Tensor:
+        """The stored probabilities of ``key``, or ``compute()``'s, stored before they are returned."""
+        text = json.dumps({**self.base, **key}, sort_keys=True, default=str)
+        path = self.directory / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
+        if path.is_file():
+            try:
+                tensors, meta = load_safetensors(path, with_metadata=True)
+                if meta.get("key") == text:
+                    self.hits += 1
+                    return tensors["probs"]
+            except (ValueError, KeyError) as e:  # a file cut short by the interruption: predict again
+                print(f"swaglora: ignoring {path} ({e}); predicting again", file=sys.stderr)
+        probs = compute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(path, {"probs": probs}, metadata={"key": text})
+        return probs
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class _RowEvaluation:
     """The table rows of one evaluation: posteriors of the members, the auto scale, predictions, files."""
 
     def __init__(self, session: Session, members: list[Path], sets: list, out_dir: Path, bar: Any,
-                 abstain_risk: float | None = None) -> None:
+                 abstain_risk: float | None = None, store: SampleStore | None = None) -> None:
         self.session, self.cfg, self.members, self.sets, self.out_dir, self.bar = session, session.cfg, members, sets, out_dir, bar
         self.abstain_risk = abstain_risk
+        self.store = store if store is not None else SampleStore(session, out_dir)
         self.seeds = [int(read_json(m / "done.json")["seed"]) for m in members]
         self.chosen: dict[tuple, float] = {}
         self.memo: dict[tuple, torch.Tensor] = {}  # (member, posterior, S, scale, set) -> probabilities [S, N, C]
 
     def predict(self, posterior: Posterior, used: range, spec: Row, examples: list[MCQExample], n: int,
                 scale: float | None, set_name: str, progress: Any = None) -> torch.Tensor:
-        return row_probs(self.session, posterior, [self.seeds[i] for i in used], spec, examples, n, scale, set_name,
-                         progress)
+        """Through the :class:`SampleStore`: predicted once, also across an interruption."""
+        seeds = [self.seeds[i] for i in used]
+        key = {"members": [self.store.member(self.members[i], spec.saved) for i in used], "seeds": seeds,
+               "posterior": spec.saved, "linearized": spec.linearized, "stochastic": posterior.stochastic_forward,
+               "draws": 1 if posterior.is_point_mass and not posterior.stochastic_forward else n, "scale": scale,
+               "set": set_name, "examples": self.store.examples(set_name, examples)}
+        return self.store.get(key, lambda: row_probs(self.session, posterior, seeds, spec, examples, n, scale,
+                                                     set_name, progress))
 
     def member_probs(self, index: int, posterior: Posterior, spec: Row, examples: list[MCQExample], n: int,
                      scale: float | None, set_name: str) -> torch.Tensor:

@@ -14,6 +14,9 @@ Layout (one ``RUN`` directory per seed)::
     RUN/eval/<set>/<row>/predictions.jsonl   id, question, probs (label order), labels, answer, prediction,
                                              confidence, correct, total_entropy, expected_entropy,
                                              mutual_information
+    RUN/eval/.checkpoints/<sha256>.safetensors  while an evaluation runs: the sample probabilities of each
+                                             (members, posterior, samples, scale, set) it has finished, so an
+                                             interrupted evaluation resumes; removed when it completes
     RUN/eval/validation/<row>/abstention.json  with --abstain-risk R at evaluation: the row's abstention rule
                                              chosen on validation: target_risk R, threshold (answer when
                                              confidence >= threshold; null: never), the risk and coverage it
@@ -39,7 +42,7 @@ from .data import MCQExample
 from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import runtime_info
 
-__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "ABSTENTION_NAME", "set_dir_name", "prediction_rows", "write_eval",
+__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "EVAL_CHECKPOINTS", "ABSTENTION_NAME", "set_dir_name", "prediction_rows", "write_eval",
            "write_abstention", "member_dirs", "save_adapter", "check_run_format", "write_run_marker", "record_evaluation_runtime", "save_config",
            "load_run_config"]
 
@@ -47,6 +50,9 @@ __all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "ABSTENTION_NAME", "set_dir_n
 #: Settings that may change between a run and its resumption: they do not change any result.
 RESULT_NEUTRAL = {"train.checkpoint_every", "train.threads", "model.device"}
 
+
+#: Sample probabilities of an unfinished evaluation, in ``RUN/eval/`` (a name :func:`set_dir_name` never gives).
+EVAL_CHECKPOINTS = ".checkpoints"
 
 #: The abstention rule of a row, next to its validation metrics.json.
 ABSTENTION_NAME = "abstention.json"
