@@ -1,12 +1,12 @@
 """Evaluating a run: the table rows it asks for, and every row on every evaluation set through
 :func:`predict.predict_probs`, with temperature scaling on top where asked; the files are :mod:`rundir`'s.
-An interrupted evaluation resumes: each finished prediction is kept in ``eval/.checkpoints/`` (:class:`SampleStore`)."""
+Every prediction is kept in ``eval/.predictions/`` (:class:`SampleStore`): an interrupted evaluation resumes, and
+a later one predicts only what it has not predicted before."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ from .params import trainable_parameters
 from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
 from .models import runtime_info
-from .rundir import EVAL_CHECKPOINTS, RESULT_NEUTRAL, member_dirs, set_dir_name, write_abstention, write_eval
+from .rundir import PREDICTION_STORE, RESULT_NEUTRAL, member_dirs, set_dir_name, write_abstention, write_eval
 from .selection import base_examples, check_eval_split, eval_data
 
 __all__ = ["SCALE_GRID", "requested_rows", "row_unavailable", "table_rows", "eval_sets", "draw_generator",
@@ -114,23 +114,23 @@ def evaluate_run(session: Session, run_dirs: list[Path], rows: list[str], out_di
     evaluation = _RowEvaluation(session, members, sets, out_dir, bar, abstain_risk, store)
     results = [result for name in rows for result in evaluation.write_row(row(name))]
     bar.close()
-    store.clear()  # every row is written: nothing is left to resume
     return results
 
 
 class SampleStore:
-    """The sample probabilities ``[S, N, C]`` of each prediction an evaluation has finished, one safetensors file
-    per (members, posterior, draws, scale, set) in ``eval/.checkpoints/``, written as soon as it is computed.
-    An evaluation that is killed, crashes or is stopped and then run again reads them instead of predicting
-    again, and ends with the same files as one that was never stopped (a prediction is a function of its key
-    only: its weight and in-forward draws come from generators seeded by the key, :func:`draw_generator`).
+    """The sample probabilities ``[S, N, C]`` of every prediction an evaluation makes, one safetensors file per
+    (members, posterior, draws, scale, set) in ``eval/.predictions/``, written as soon as it is computed. An
+    evaluation that is killed, crashes or is stopped and then run again reads them instead of predicting again,
+    and ends with the same files as one that was never stopped (a prediction is a function of its key only: its
+    weight and in-forward draws come from generators seeded by the key, :func:`draw_generator`); a later
+    evaluation of the same run with more rows (``--methods``) or ``--calibrate`` predicts only the new rows.
 
     A file's name is the sha256 of everything its probabilities depend on: the run's config (less the settings
     that only choose which rows to show, and :data:`rundir.RESULT_NEUTRAL`), the resolved dtype and device, the
     torch and swaglora versions, the base model and LoRA (``Session.metadata``), each member's ``done.json``
-    and saved posterior files (by content), the examples of the set (by content) and the row's draws. Anything
-    else, and a stale file is never read: it is simply not found. The directory is removed once every row is
-    written, so a finished run carries no extra files.
+    and saved posterior files (by content), the examples of the set (by content) and the row's draws. When any
+    of these differs the file is simply not found, so a stale prediction is never read; deleting the directory
+    only costs the time to predict again.
     """
 
     IGNORED = {"eval.methods", "eval.calibrate"} | RESULT_NEUTRAL
@@ -141,7 +141,7 @@ class SampleStore:
         self.base = {"config": {k: v for k, v in config.items() if k not in self.IGNORED},
                      "runtime": {k: runtime[k] for k in ("dtype", "device", "torch")},
                      "library_version": __version__, "model": session.metadata}
-        self.directory = Path(out_dir) / "eval" / EVAL_CHECKPOINTS
+        self.directory = Path(out_dir) / "eval" / PREDICTION_STORE
         self._digests: dict[Any, str] = {}
         self.hits = 0
 
@@ -181,8 +181,6 @@ class SampleStore:
         atomic_save_safetensors(path, {"probs": probs}, metadata={"key": text})
         return probs
 
-    def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class _RowEvaluation:
@@ -243,7 +241,7 @@ class _RowEvaluation:
         if scale is None and spec.sampled and method.takes_swag_scale:
             scale = self.auto_scale(spec, n) if setting == "auto" else setting
         used = range(len(self.members)) if spec.all_members else range(1)
-        start = time.perf_counter()
+        start, hits = time.perf_counter(), self.store.hits
         parts = [member_posterior(self.session, self.members[i], spec) for i in used]
         posterior = Ensemble(parts) if spec.all_members else parts[0]
         if posterior.stochastic_forward or spec.linearized:  # in-forward randomness: one generator for the row
@@ -252,8 +250,10 @@ class _RowEvaluation:
         else:  # the mixture's draws are its members' draws in turn (Ensemble.draws), so its predictions are theirs
             probs = {set_name: torch.cat([self.member_probs(i, parts[i], spec, examples, n, scale, set_name) for i in used])
                      for set_name, _, examples in self.sets}
+        reused = self.store.hits - hits  # predictions read back from an earlier evaluation: no cost to report
         common = {"n_members": len(used), "scale": (scale if scale is not None else parts[0].default_scale) if spec.sampled else spec.scale,
-                  "seconds": time.perf_counter() - start, "seed": cfg.train.seed}
+                  "seconds": None if reused else time.perf_counter() - start, "reused_predictions": reused,
+                  "seed": cfg.train.seed}
         variants = [(spec.name, probs, {})]
         if cfg.eval.calibrate == "temperature":
             variants.append((f"{spec.name}+ts", *_temperature_scaled(probs, self.sets)))

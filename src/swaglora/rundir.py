@@ -10,13 +10,15 @@ Layout (one ``RUN`` directory per seed)::
     RUN/members/<i>/done.json                written last: a member with it is never retrained
     RUN/eval/scale-<method>.json             --swag-scale auto: validation NLL per grid scale and the choice
     RUN/eval/<set>/<row>/metrics.json        accuracy, ece, nll, brier, n, method, eval_set, role (validation,
-                                             test or shift), n_samples, n_members, scale, seconds, seed
+                                             test or shift), n_samples, n_members, scale, seconds (null when some of
+                                             the row was read back from eval/.predictions), reused_predictions, seed
     RUN/eval/<set>/<row>/predictions.jsonl   id, question, probs (label order), labels, answer, prediction,
                                              confidence, correct, total_entropy, expected_entropy,
                                              mutual_information
-    RUN/eval/.checkpoints/<sha256>.safetensors  while an evaluation runs: the sample probabilities of each
-                                             (members, posterior, samples, scale, set) it has finished, so an
-                                             interrupted evaluation resumes; removed when it completes
+    RUN/eval/.predictions/<sha256>.safetensors  the sample probabilities of each (members, posterior, draws,
+                                             scale, set) an evaluation has predicted, written at once: an
+                                             interrupted evaluation resumes and a later one (more --methods,
+                                             --calibrate) predicts only what is new; safe to delete
     RUN/eval/validation/<row>/abstention.json  with --abstain-risk R at evaluation: the row's abstention rule
                                              chosen on validation: target_risk R, threshold (answer when
                                              confidence >= threshold; null: never), the risk and coverage it
@@ -42,7 +44,7 @@ from .data import MCQExample
 from .io import apply_umask, atomic_write_json, atomic_write_text, make_temp_dir, read_json
 from .models import runtime_info
 
-__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "EVAL_CHECKPOINTS", "ABSTENTION_NAME", "set_dir_name", "prediction_rows", "write_eval",
+__all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "PREDICTION_STORE", "ABSTENTION_NAME", "set_dir_name", "prediction_rows", "write_eval",
            "write_abstention", "member_dirs", "save_adapter", "check_run_format", "write_run_marker", "record_evaluation_runtime", "save_config",
            "load_run_config"]
 
@@ -51,8 +53,8 @@ __all__ = ["RUN_FORMAT_VERSION", "RESULT_NEUTRAL", "EVAL_CHECKPOINTS", "ABSTENTI
 RESULT_NEUTRAL = {"train.checkpoint_every", "train.threads", "model.device"}
 
 
-#: Sample probabilities of an unfinished evaluation, in ``RUN/eval/`` (a name :func:`set_dir_name` never gives).
-EVAL_CHECKPOINTS = ".checkpoints"
+#: Sample probabilities of every prediction made, in ``RUN/eval/`` (a name :func:`set_dir_name` never gives).
+PREDICTION_STORE = ".predictions"
 
 #: The abstention rule of a row, next to its validation metrics.json.
 ABSTENTION_NAME = "abstention.json"
