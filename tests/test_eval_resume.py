@@ -131,3 +131,19 @@ def test_a_changed_setting_is_predicted_again(trained, reference, tmp_path, monk
     fewer = _Counting(monkeypatch)
     assert _evaluate(run, other, ["--methods", "map,swag"]) == 0
     assert fewer.calls == 3  # only swag's 3 sets are predicted
+
+
+def test_a_new_set_predicts_only_that_set(trained, reference, tmp_path, monkeypatch):
+    """Sets are in a prediction's key by name and content, not by the flags that chose them: evaluating first
+    without the shift set, then with it, predicts the shift set only, and gives the reference files."""
+    run, extra = trained
+    ref_out, total = reference
+    out = tmp_path / "eval"
+    first = _Counting(monkeypatch)
+    assert _evaluate(run, out, [*extra, "--shift", ""]) == 0
+    assert first.calls == 2 * 7  # validation and test
+    assert not (out / "eval" / "shift").exists()
+    second = _Counting(monkeypatch)
+    assert _evaluate(run, out, extra) == 0
+    assert second.calls == 7
+    assert _files(out) == _files(ref_out)

@@ -123,17 +123,21 @@ class SampleStore:
     evaluation that is killed, crashes or is stopped and then run again reads them instead of predicting again,
     and ends with the same files as one that was never stopped (a prediction is a function of its key only: its
     weight and in-forward draws come from generators seeded by the key, :func:`draw_generator`); a later
-    evaluation of the same run with more rows (``--methods``) or ``--calibrate`` predicts only the new rows.
+    evaluation of the same run with more rows (``--methods``), more sets (``--shift``) or ``--calibrate`` predicts
+    only what is new.
 
     A file's name is the sha256 of everything its probabilities depend on: the run's config (less the settings
-    that only choose which rows to show, and :data:`rundir.RESULT_NEUTRAL`), the resolved dtype and device, the
+    that only choose which rows and sets to evaluate, and :data:`rundir.RESULT_NEUTRAL`), the resolved dtype and device, the
     torch and swaglora versions, the base model and LoRA (``Session.metadata``), each member's ``done.json``
     and saved posterior files (by content), the examples of the set (by content) and the row's draws. When any
     of these differs the file is simply not found, so a stale prediction is never read; deleting the directory
     only costs the time to predict again.
     """
 
-    IGNORED = {"eval.methods", "eval.calibrate"} | RESULT_NEUTRAL
+    #: settings that choose which rows and sets to evaluate, not what a prediction is (a set's questions are in
+    #: the key by content), and the result-neutral ones
+    IGNORED = {f"eval.{k}" for k in ("methods", "calibrate", "shift", "test", "split", "limit", "validation_only",
+                                     "allow_tuning_split")} | RESULT_NEUTRAL
 
     def __init__(self, session: Session, out_dir: Path) -> None:
         config = {f"{section}.{k}": v for section, values in config_to_dict(session.cfg).items() for k, v in values.items()}
