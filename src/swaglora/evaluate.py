@@ -22,10 +22,10 @@ from .config import RunConfig, config_to_dict
 from .data import MCQExample
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from .members import Session, add_posthoc_posterior, draw_generator
+from .models import runtime_info
 from .params import trainable_parameters
 from .posterior import Ensemble, Posterior, Row, base_rows, expand_rows, get_method, load_posterior, row
 from .predict import predict_logits, predict_probs
-from .models import runtime_info
 from .rundir import PREDICTION_STORE, RESULT_NEUTRAL, member_dirs, set_dir_name, write_abstention, write_eval
 from .selection import base_examples, check_eval_split, eval_data
 
@@ -127,8 +127,8 @@ class SampleStore:
     only what is new.
 
     A file's name is the sha256 of everything its probabilities depend on: the run's config (less the settings
-    that only choose which rows and sets to evaluate, and :data:`rundir.RESULT_NEUTRAL`), the resolved dtype and device, the
-    torch and swaglora versions, the base model and LoRA (``Session.metadata``), each member's ``done.json``
+    that only choose which rows and sets to evaluate, and :data:`rundir.RESULT_NEUTRAL`), the resolved dtype and
+    device, the torch and swaglora versions, the base model and LoRA (``Session.metadata``), each member's ``done.json``
     and saved posterior files (by content), the examples of the set (by content) and the row's draws. When any
     of these differs the file is simply not found, so a stale prediction is never read; deleting the directory
     only costs the time to predict again.
@@ -184,7 +184,6 @@ class SampleStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(path, {"probs": probs}, metadata={"key": text})
         return probs
-
 
 
 class _RowEvaluation:

@@ -18,7 +18,7 @@ Layout (one ``RUN`` directory per seed)::
     RUN/eval/.predictions/<sha256>.safetensors  the sample probabilities of each (members, posterior, draws,
                                              scale, set) an evaluation has predicted, written at once: an
                                              interrupted evaluation resumes and a later one (more --methods,
-                                             --calibrate) predicts only what is new; safe to delete
+                                             sets, --calibrate) predicts only what is new; safe to delete
     RUN/eval/validation/<row>/abstention.json  with --abstain-risk R at evaluation: the row's abstention rule
                                              chosen on validation: target_risk R, threshold (answer when
                                              confidence >= threshold; null: never), the risk and coverage it
