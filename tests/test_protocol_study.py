@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from swaglora.rundir import PREDICTION_STORE
+
 from conftest import make_examples, write_jsonl
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "protocol_study.py"
@@ -67,7 +69,7 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
         adopted = lowest != values[0][0] and boot[lowest]["nll_diff"]["hi"] < 0
         assert screen["best"][name] == (lowest if adopted else values[0][0])
         for label, _ in values:  # validation only: the test split was never scored in the screen
-            sets = {p.name for p in (Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]) / "eval").iterdir() if p.is_dir()}
+            sets = {p.name for p in (Path(runs[f"screen/{name}/{study_module._slug([label])}"]["eval_dir"]) / "eval").iterdir() if p.is_dir() and p.name != PREDICTION_STORE}
             assert sets == {"validation"}
     # the base value of every factor shares one training run
     base_runs = {runs[f"screen/{name}/{study_module._slug([values[0][0]])}"]["train_dir"] for name, (_, _, values) in study_module.TINY.items()}
