@@ -102,8 +102,11 @@ def test_compute_matched_map_trains_as_long_as_map_plus_swag_and_keeps_its_best_
 
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *run_args, "--epochs", "1", "--swag-epochs", "2", "--swag-every", "epoch",
-                 "--swag-max-rank", "1", "--lr", "0.05", "--methods", "map,map-matched,swag"]) == 0
+                 "--swag-max-rank", "1", "--lr", "0.05", "--methods", "map,map-matched,swag,multiswag", "--members", "2"]) == 0
     member = run / "members" / "0"
+    # map-matched has no ensemble row: member 1 (for multiswag) trains its own run only, not a second matched MAP
+    assert (run / "members" / "1" / "done.json").is_file() and not (run / "members" / "1" / "done-map-matched.json").exists()
+    assert (member / "done-map-matched.json").is_file()
     main_log = [json.loads(line) for line in (member / "train_log.jsonl").read_text().splitlines()]
     log = [json.loads(line) for line in (member / "train_log-map-matched.jsonl").read_text().splitlines()]
     assert len(log) == len(main_log) == 3 and all(r["phase"] == "fit" for r in log)  # 1 MAP + 2 SWAG epochs
@@ -114,3 +117,13 @@ def test_compute_matched_map_trains_as_long_as_map_plus_swag_and_keeps_its_best_
     val = [r["val_nll"] for r in log]
     assert _val_nll(run, "map-matched") == pytest.approx(min(val), abs=1e-6)
     assert _val_nll(run, "map") == pytest.approx(main_log[0]["val_nll"], abs=1e-6)  # map: the MAP phase's epoch
+
+
+def test_a_method_trains_its_own_member_for_every_member_only_when_a_row_mixes_them():
+    from swaglora.members import own_member_indices
+
+    assert own_member_indices("map-matched", ["zero-shot", "map", "map-matched", "ensemble"], [0, 1, 2]) == [0]
+    assert own_member_indices("blob", ["zero-shot", "blob", "tfb-blob"], [0, 1]) == [0]
+    assert own_member_indices("blob", ["zero-shot", "blob", "blob-ensemble"], [0, 1]) == [0, 1]
+    assert own_member_indices("blob", ["zero-shot", "blob-ensemble"], [1]) == [1]  # a process training member 1 only
+    assert own_member_indices("map-matched", ["zero-shot", "map-matched"], [1, 2]) == []  # member 0's process trains it

@@ -29,7 +29,7 @@ from .selection import training_data
 from .train import fit
 
 __all__ = ["Session", "open_session", "check_schedule", "member_seed", "draw_generator", "train_members",
-           "needed_posteriors", "train_own_member", "recollect_member", "fit_posthoc", "add_posthoc_posterior", "saved_settings_differ"]
+           "needed_posteriors", "own_member_indices", "train_own_member", "recollect_member", "fit_posthoc", "add_posthoc_posterior", "saved_settings_differ"]
 
 
 @dataclass
@@ -126,8 +126,18 @@ def train_members(session: Session, run_dir: Path, members: list[int], rows: lis
             train_member(session, out, index, names, progress)
     for index in members:
         for name in needed:
-            if get_method(name).trains_own_member:
+            if get_method(name).trains_own_member and index in own_member_indices(name, rows, members):
                 train_own_member(session, run_dir / "members" / str(index), name, member_seed(cfg, index), progress)
+
+
+def own_member_indices(name: str, rows: list[str], members: list[int]) -> list[int]:
+    """The members for which method ``name``, which trains its own member (map-matched, BLoB), trains it: every
+    member when a requested row mixes all members' posteriors of it (``blob-ensemble``), else member 0 only,
+    the one a single-member row uses (``map-matched``, ``blob``, ``tfb-blob``). A later run with an ensemble
+    row trains the others then (finished ones are kept)."""
+    mixes = any(row(r).all_members and (row(r).method == name or get_method(row(r).method).fitted_at == name)
+                for r in rows if not row(r).before_training)
+    return list(members) if mixes else [i for i in members if i == 0]
 
 
 def train_member(session: Session, out: Path, index: int, names: list[str], progress: bool = True) -> None:

@@ -1,10 +1,11 @@
 """MAP at SWAG's training compute: the baseline that makes "SWAG beats MAP" a statement at equal training cost.
 
 The ``map`` row is the best validation epoch of the MAP phase, which is where SWAG starts; SWAG then trains
-``swag.epochs`` more epochs. ``map-matched`` trains each member again from the same LoRA init and data order
-(the member's seed) for ``train.epochs + swag.epochs`` epochs, the same number of optimiser steps as MAP + SWAG,
-with its own schedule (warm-up, then linear decay to 0 over the whole run, ``schedule.lr_at`` with no SWAG
-phase), and keeps the best validation epoch over all of them.
+``swag.epochs`` more epochs. ``map-matched`` trains member 0 (the one its row uses; see
+``members.own_member_indices``) again from the same LoRA init and data order (the member's seed) for
+``train.epochs + swag.epochs`` epochs, the same number of optimiser steps as MAP + SWAG, with its own
+schedule (warm-up, then linear decay to 0 over the whole run, ``schedule.lr_at`` with no SWAG phase), and
+keeps the best validation epoch over all of them.
 """
 
 from __future__ import annotations
