@@ -204,6 +204,24 @@ def test_markdown_numbers_equal_json(built):
             continue
         ood = header[1] == "Score"
         score_labels = {lab: k for k, (_, lab) in R.OOD_SCORES.items()}
+        if ood and " [" in rows[0][2]:  # AUROC intervals: one column pair (AUROC, Δ AUROC) per shift set
+            blocks = {b["eval_set"]: b for b in res["ood_intervals"]}
+            assert len(header) == 2 + 2 * len(blocks)
+            for row in rows:
+                for h, cell in zip(header[2:], row[2:]):
+                    s, label = split_header(h, sets)
+                    d = next(d for d in blocks[s]["rows"] if (d["method"], d["score"]) == (row[0], score_labels[row[1]]))
+                    if label == "Δ AUROC" and row[0] == "map" and row[1] == "entropy (total)":
+                        assert cell == "—" and "auroc_diff" not in d
+                        continue
+                    d = d["auroc_diff"] if label == "Δ AUROC" else d["auroc"]
+                    value = f"{d['value']:+.4f}" if label == "Δ AUROC" else f"{d['value']:.4f}"
+                    assert cell == f"{value} [{d['lo']:.4f}, {d['hi']:.4f}]" + (" *" if d.get("significant") else "")
+                    if label == "AUROC":  # the point value is the seed mean of the stored AUROC
+                        assert d["value"] == pytest.approx(res["metrics"][row[0]][s][f"ood_auroc_{score_labels[row[1]]}"]["mean"], abs=1e-9)
+                    checked += 1
+            seen_kinds.add("ood intervals")
+            continue
         first = 2 if ood else 1
         for row in rows:
             m = row[0]
@@ -224,7 +242,7 @@ def test_markdown_numbers_equal_json(built):
                 else:
                     assert cell == R.format_number(st["mean"])
                 checked += 1
-    assert seen_kinds == {"sets", "uncertain", "ood", "abstain", "intervals"} and not interval_sets
+    assert seen_kinds == {"sets", "uncertain", "ood", "ood intervals", "abstain", "intervals"} and not interval_sets
     # main (3x2x4) + val (3x4) + OOD (map, map+ts: 1 row; swag: 3 rows; 2 sets x 3) + sel (3x4x4) + abst
     assert checked >= 24 + 12 + 5 * 6 + 48 + 3 * 9
     assert f"Target risk {R.format_number(RISK)}" in md
@@ -460,6 +478,16 @@ def test_report_cells_computed_by_hand(tmp_path):
     assert ood[0][2] == "out AUROC" and ood[1][0][:3] == ["map", "entropy (total)", "0.7812 ± 0.0442"]
     selective = next(t for t in tables if "in Acc@50%" in t[0])
     assert selective[1][0][selective[0].index("in Acc@50%")] == "0.5000 ± 0.0000"
+    # AUROC's bootstrap interval: its value is the seed mean above; questions are paired by id, so a run whose
+    # shift predictions are stored in another order gives the same interval
+    block = R.collect_results(runs)["ood_intervals"]
+    assert [(b["eval_set"], b["reference_set"], b["n_in"], b["n_out"], b["reference"]) for b in block] == [("out", "in", 4, 4, "map")]
+    (entry,) = block[0]["rows"]
+    assert (entry["method"], entry["score"]) == ("map", "entropy") and "auroc_diff" not in entry
+    assert entry["auroc"]["value"] == 0.78125 and entry["auroc"]["lo"] < 0.78125 < entry["auroc"]["hi"] <= 1
+    f = runs[1] / "eval" / "out" / "map" / "predictions.jsonl"
+    f.write_text("\n".join(reversed(f.read_text().splitlines())) + "\n")
+    assert R.collect_results(runs)["ood_intervals"][0]["rows"][0]["auroc"] == entry["auroc"]
 
 
 def test_interval_values_equal_the_stored_metrics_for_tiny_probabilities(tmp_path):

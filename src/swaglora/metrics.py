@@ -41,7 +41,10 @@ Definitions (``p`` = predictive ``[N, C]``, ``y`` = labels, natural logs)
   drawn, ``sum w = N``); accuracy, NLL and Brier are then ``sum_i w_i t_i / N`` of their
   per-question terms, and ECE is ``sum_b |sum_{i in b} w_i (hit_i - conf_i)| / N``
   (a question's bin does not depend on the resample), so every resample is exact and the
-  whole bootstrap is one matrix product.
+  whole bootstrap is one matrix product. AURC on a resample is the AURC of the materialised
+  resample (the copies of a question are adjacent in the confidence order), computed from
+  cumulative counts. :func:`paired_ood_bootstrap` does the same for OOD AUROC, resampling
+  the in-distribution and the shift set's questions independently (weighted Mann-Whitney).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ __all__ = [
     "entropy", "uncertainty", "auroc", "aupr", "fpr_at_tpr", "risk_coverage", "aurc",
     "accuracy_at_coverage", "abstention_threshold", "selective_risk", "abstention_rule",
     "BOOTSTRAP_METRICS", "bootstrap_counts", "resampled_metrics", "paired_bootstrap",
+    "resampled_auroc", "paired_ood_bootstrap",
 ]
 
 NLL_EPS = 1e-12
@@ -346,7 +350,7 @@ def abstention_rule(confidence: Any, correct: Any, target_risk: float) -> dict[s
 
 # ------------------------------------------------------------------------- intervals
 #: Metrics :func:`paired_bootstrap` resamples (lower is better for all but accuracy).
-BOOTSTRAP_METRICS = ("accuracy", "ece", "nll", "brier")
+BOOTSTRAP_METRICS = ("accuracy", "ece", "nll", "brier", "aurc")
 
 
 def bootstrap_counts(n: int, n_boot: int, seed: int = 0) -> Tensor:
@@ -385,7 +389,39 @@ def resampled_metrics(probs: Any, labels: Any, counts: Any, n_bins: int = 15) ->
         "ece": (w @ gap).abs().sum(1) / total,
         "nll": w @ -p.gather(1, y[:, None]).squeeze(1).clamp_min(NLL_EPS).log() / total,
         "brier": w @ (p - onehot).pow(2).sum(-1) / total,
+        "aurc": _resampled_aurc(conf, hit, w),
     }
+
+
+def _resampled_aurc(conf: Tensor, hit: Tensor, w: Tensor) -> Tensor:
+    """:func:`aurc` of each materialised resample ``w`` ``[B, N]``. In the stable descending order of the
+    materialised resample the copies of a question are adjacent (same confidence, consecutive positions), so
+    its m-th copy sits at position ``n_i + m`` with ``e_i + m * err_i`` errors up to it, ``n_i`` / ``e_i`` being
+    the copies / errors of the questions before it."""
+    order = torch.sort(conf, descending=True, stable=True).indices
+    err, w = 1 - hit[order], w[:, order]
+    n_before = w.cumsum(1) - w
+    e_before = (w * err).cumsum(1) - w * err
+    risk_sum = torch.zeros(w.shape[0], dtype=torch.float64)
+    for m in range(1, int(w.max().item()) + 1):
+        risk_sum += ((w >= m) * (e_before + m * err) / (n_before + m)).sum(1)
+    return risk_sum / w.sum(1)
+
+
+def resampled_auroc(scores_in: Any, scores_out: Any, counts_in: Any, counts_out: Any) -> Tensor:
+    """:func:`auroc` of every pair of resamples, ``counts_in`` ``[B, N_in]`` and ``counts_out`` ``[B, N_out]``
+    (question i drawn ``counts[b, i]`` times), without materialising them: the weighted Mann-Whitney statistic
+    ``sum_j v_j (W(s_in < s_j) + W(s_in == s_j) / 2) / (sum w * sum v)``. Returns ``[B]``."""
+    s_in, s_out = _vector(scores_in, "scores_in"), _vector(scores_out, "scores_out")
+    w, v = _float64(counts_in, "counts_in"), _float64(counts_out, "counts_out")
+    if w.dim() != 2 or v.dim() != 2 or w.shape != (v.shape[0], len(s_in)) or v.shape[1] != len(s_out):
+        raise ValueError(f"counts must be [B, {len(s_in)}] and [B, {len(s_out)}], got {tuple(w.shape)} and {tuple(v.shape)}")
+    order = torch.sort(s_in).indices
+    ranked = s_in[order]
+    cum = torch.cat([w.new_zeros(w.shape[0], 1), w[:, order].cumsum(1)], 1)  # [B, N_in + 1]
+    below = cum[:, torch.searchsorted(ranked, s_out, right=False)]
+    equal = cum[:, torch.searchsorted(ranked, s_out, right=True)] - below
+    return (v * (below + equal / 2)).sum(1) / (w.sum(1) * v.sum(1))
 
 
 def paired_bootstrap(predictives: dict[str, list[Any]], labels: Any, reference: str | None = None,
@@ -420,11 +456,16 @@ def paired_bootstrap(predictives: dict[str, list[Any]], labels: Any, reference: 
                          for m in BOOTSTRAP_METRICS}
         runs = [resampled_metrics(p, y, counts) for p in per_seed]
         boot[method] = {m: torch.stack([r[m] for r in runs]).mean(0) for m in BOOTSTRAP_METRICS}
+    return _percentile_intervals(point, boot, reference, BOOTSTRAP_METRICS, level)
+
+
+def _percentile_intervals(point: dict[str, dict[str, float]], boot: dict[str, dict[str, Tensor]], reference: str | None,
+                          keys: tuple[str, ...], level: float) -> dict[str, dict[str, dict[str, float]]]:
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for method in predictives:
+    for method in point:
         out[method] = {}
-        for m in BOOTSTRAP_METRICS:
+        for m in keys:
             lo, hi = torch.quantile(boot[method][m], q).tolist()
             out[method][m] = {"value": point[method][m], "lo": lo, "hi": hi}
             if reference is not None and method != reference:
@@ -432,3 +473,31 @@ def paired_bootstrap(predictives: dict[str, list[Any]], labels: Any, reference: 
                 out[method][f"{m}_diff"] = {"value": point[method][m] - point[reference][m], "lo": lo, "hi": hi,
                                             "significant": bool(lo > 0 or hi < 0)}
     return out
+
+
+def paired_ood_bootstrap(scores: dict[str, list[tuple[Any, Any]]], reference: str | None = None, n_boot: int = 1000,
+                         level: float = 0.95, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Percentile intervals of OOD AUROC over resampled questions, paired across scores and pooled over seeds.
+
+    Args:
+        scores: name (a method's score, e.g. ``"swag/mutual_information"``) -> one ``(scores_in, scores_out)``
+            pair per seed, every pair on the same in-distribution and shift questions (same order).
+        reference: the name differences are taken to (``None``: no differences).
+
+    The in-distribution questions are resampled with ``bootstrap_counts(N_in, n_boot, seed)`` and the shift
+    set's, independently, with ``bootstrap_counts(N_out, n_boot, seed + 1)``; the same resamples for every name
+    and seed. Returns ``{name: {"auroc": {"value", "lo", "hi"}, "auroc_diff": {..., "significant"}}}`` as
+    :func:`paired_bootstrap`.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if reference is not None and reference not in scores:
+        raise ValueError(f"reference score {reference!r} is not among {sorted(scores)}")
+    if not scores or any(not pairs for pairs in scores.values()):
+        raise ValueError("every score needs (scores_in, scores_out) of at least one seed")
+    n_in, n_out = (len(_vector(x, "scores")) for x in next(iter(scores.values()))[0])
+    counts_in, counts_out = bootstrap_counts(n_in, n_boot, seed), bootstrap_counts(n_out, n_boot, seed + 1)
+    point = {k: {"auroc": sum(auroc(a, b) for a, b in pairs) / len(pairs)} for k, pairs in scores.items()}
+    boot = {k: {"auroc": torch.stack([resampled_auroc(a, b, counts_in, counts_out) for a, b in pairs]).mean(0)}
+            for k, pairs in scores.items()}
+    return _percentile_intervals(point, boot, reference, ("auroc",), level)

@@ -13,8 +13,8 @@ from .. import metrics as M
 from ..io import read_json
 from ..posterior import row, row_names
 from ..rundir import member_dirs
-from .intervals import _intervals
-from .load import ROLES, _Entry, _Preds, _Run, _load_run, _raw_runs
+from .intervals import _intervals, _ood_intervals
+from .load import ROLES, _Entry, _n_samples, _Preds, _Run, _load_run, _raw_runs
 
 DECIMALS = 4
 BASE_METRICS = ("accuracy", "ece", "nll", "brier")
@@ -68,13 +68,6 @@ class _Acc:
         values.append(None if value is None else _finite_or_none(value))
 
 
-def _n_samples(entry: _Entry) -> int:
-    try:
-        return int(entry.metrics.get("n_samples") or 1)
-    except (TypeError, ValueError):
-        return 1
-
-
 def collect_results(run_dirs: Iterable[str | Path] | str | Path,
                     abstain_risk: float | None = None) -> dict[str, Any]:
     """Read evaluation runs (one directory per seed) and aggregate every metric across seeds.
@@ -120,6 +113,7 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
         "abstain_risk": None,
         "uncertain_questions": _uncertain(runs, methods, n_samples, ref, notes),
         "intervals": _intervals(runs, methods, [x for x in eval_sets if roles[x] != "validation"], notes),
+        "ood_intervals": _ood_intervals(runs, methods, ref, shifts, {k: f for k, (f, _) in OOD_SCORES.items()}, notes),
         "costs": _costs(runs, methods, ref),
         "format": {
             "decimals": DECIMALS,

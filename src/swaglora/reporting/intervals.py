@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import metrics as M
 from ..posterior import reference_row
-from .load import _Run
+from .load import _n_samples, _Run
 
 
 #: Bootstrap resamples of the questions behind every interval (paired across methods, pooled over seeds).
@@ -52,4 +52,51 @@ def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: lis
         result = M.paired_bootstrap(predictives, labels, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
         out.append({"eval_set": s, "n": len(answers), "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref,
                     "methods": [{"method": m, **result[m]} for m in have]})
+    return out
+
+
+def _ids(runs: list[_Run], s: str, m: str) -> list[list[str]]:
+    return [[row["id"] for row in r.entries[(s, m)].preds.rows] for r in runs]
+
+
+def _ood_intervals(runs: list[_Run], methods: list[str], ref_set: str | None, shifts: list[str],
+                   fields: dict[str, str], notes: list[str]) -> list[dict[str, Any]]:
+    """Per shift set: :func:`metrics.paired_ood_bootstrap` of every method's OOD scores against the
+    in-distribution test set ``ref_set`` (``fields``: score name -> predictions field; the total entropy always,
+    the others for methods with several posterior samples), with both sets' questions aligned by id across
+    runs; differences are to the reference row's total entropy (MAP's) where it is present."""
+    out: list[dict[str, Any]] = []
+    if ref_set is None:
+        return out
+    for s in shifts:
+        have = [m for m in methods if all(r.entries.get((x, m)) is not None and r.entries[(x, m)].preds is not None
+                                          for r in runs for x in (ref_set, s))]
+        if not have:
+            continue
+        order_in, order_out = _ids(runs[:1], ref_set, have[0])[0], _ids(runs[:1], s, have[0])[0]
+        if any(sorted(ids) != sorted(order) for m in have for x, order in ((ref_set, order_in), (s, order_out))
+               for ids in _ids(runs, x, m)):
+            notes.append(f"{s}: methods or seeds were scored on different questions; no OOD intervals for {s}.")
+            continue
+        scores: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for m in have:
+            multi = any(_n_samples(r.entries[(x, m)]) > 1 for r in runs for x in (ref_set, s))
+            for name, fld in fields.items():
+                if name != "entropy" and not multi:
+                    continue
+                pairs = []
+                for r in runs:
+                    pair = []
+                    for x, order in ((ref_set, order_in), (s, order_out)):
+                        p = r.entries[(x, m)].preds
+                        where = {row["id"]: i for i, row in enumerate(p.rows)}
+                        pair.append(getattr(p, fld)[[where[i] for i in order]])
+                    pairs.append((pair[0], pair[1]))
+                scores[f"{m}\t{name}"] = pairs
+        reference = reference_row()
+        ref = f"{reference.name}\tentropy" if reference is not None and f"{reference.name}\tentropy" in scores else None
+        result = M.paired_ood_bootstrap(scores, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
+        out.append({"eval_set": s, "reference_set": ref_set, "n_in": len(order_in), "n_out": len(order_out),
+                    "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref and reference.name,
+                    "rows": [{"method": k.split("\t")[0], "score": k.split("\t")[1], **v} for k, v in result.items()]})
     return out

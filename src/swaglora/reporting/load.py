@@ -42,6 +42,14 @@ class _Run:
     runtime: dict[str, Any] | None = None  # swaglora_run.json's dtype, device, CPU flags, torch version
 
 
+def _n_samples(entry: _Entry) -> int:
+    """The posterior draws behind an entry's predictions (1: a point estimate, no MI)."""
+    try:
+        return int(entry.metrics.get("n_samples") or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
 _PRED_FIELDS = ("probs", "confidence", "correct", "total_entropy", "expected_entropy", "mutual_information")
 
 

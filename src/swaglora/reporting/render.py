@@ -130,6 +130,33 @@ def _ood_table(results: dict[str, Any], shifts: Sequence[str]) -> list[str]:
     return _md_table(header, rows, left=2)
 
 
+def _ood_interval_table(results: dict[str, Any]) -> list[str]:
+    """AUROC with its bootstrap interval per shift set, and its paired difference to MAP's total entropy."""
+    blocks = results.get("ood_intervals") or []
+    if not blocks:
+        return []
+    first, labels = blocks[0], {k: lab for k, (_, lab) in OOD_SCORES.items()}
+    ref = f"the AUROC of `{first['reference']}`'s total entropy" if first["reference"] else None
+    L = [f"AUROC with {round(first['level'] * 100)}% intervals from {first['n_boot']} bootstrap resamples of the "
+         "questions of both sets (the in-distribution and the shift set resampled independently; the same resamples "
+         "for every method, score and seed)" + (f"; `Δ` = AUROC − {ref} on the same resamples, `*` where its "
+                                                "interval excludes 0." if ref else "."), ""]
+    header = ["Method", "Score"]
+    for b in blocks:
+        header += [f"{b['eval_set']} AUROC"] + ([f"{b['eval_set']} Δ AUROC"] if b["reference"] else [])
+    keys = list(dict.fromkeys((d["method"], d["score"]) for b in blocks for d in b["rows"]))
+    rows = []
+    for m, score in keys:
+        row = [_md_escape(m), labels.get(score, score)]
+        for b in blocks:
+            d = next((d for d in b["rows"] if (d["method"], d["score"]) == (m, score)), None)
+            row.append(_interval_cell(d["auroc"]) if d else "—")
+            if b["reference"]:
+                row.append(_interval_cell(d["auroc_diff"], signed=True) if d and "auroc_diff" in d else "—")
+        rows.append(row)
+    return L + _md_table(header, rows, left=2)
+
+
 def _distribution(row: dict[str, Any]) -> str:
     labels = row.get("labels") or [chr(ord("A") + i) for i in range(len(row["probs"]))]
     return " · ".join(f"{_md_escape(lab)} {p:.2f}" for lab, p in zip(labels, row["probs"]))
@@ -245,6 +272,7 @@ def _md_ood_and_selective(results: dict[str, Any]) -> list[str]:
               "MI (epistemic) and expected-entropy (aleatoric) rows exist only for methods with "
               "several posterior samples.", ""]
         L += _ood_table(results, shifts)
+        L += _ood_interval_table(results)
     else:
         L += ["No OOD evaluation (needs a test set and at least one shift set).", ""]
 
