@@ -2,10 +2,10 @@
 
     python scripts/readme_tables.py runs/arce-full/report/results.json [--methods map,swag,...]
 
-Prints three Markdown tables: the in-distribution test set (ACC, ECE, NLL, Brier as mean ± std over seeds, and
-the paired differences to MAP with their 95% bootstrap intervals, pooled over seeds: ``*`` where the interval
-excludes 0), the shift sets (ACC, NLL, Δ NLL) and OOD detection / selective prediction (AUROC by entropy and by
-MI per shift set, AURC on the test set). Every number is copied from results.json, rounded to 3 decimals; the
+Prints three Markdown tables: the in-distribution test set (ACC, ECE, NLL, Brier, AURC as mean ± std over seeds,
+and the paired differences to MAP with their 95% bootstrap intervals, pooled over seeds: ``*`` where the interval
+excludes 0), the shift sets (ACC, NLL, Δ NLL) and OOD detection (AUROC by entropy and by MI per shift set, each
+with its paired difference to MAP's entropy AUROC). Every number is copied from results.json, rounded to 3 decimals; the
 best mean of a column (lowest, or highest for ACC and AUROC) is bold. Rows: every method of the report, or
 ``--methods``.
 """
@@ -80,15 +80,15 @@ def tables(results: dict, methods: list[str] | None = None) -> str:
     shifts = [s for s in results["eval_sets"] if roles[s] == "shift"]
     out = []
 
-    keys = ("accuracy", "ece", "nll", "brier")
+    keys = ("accuracy", "ece", "nll", "brier", "aurc")
     diffs = _diffs(results, test)
     best = {k: _best(results, methods, test, k) for k in keys}
     rows = [[m] + [_cell(results, m, test, k, best[k]) for k in keys]
-            + [_diff(diffs.get(m, {}).get(f"{k}_diff")) if m != "map" else "—" for k in ("accuracy", "ece", "nll")]
+            + [_diff(diffs.get(m, {}).get(f"{k}_diff")) if m != "map" else "—" for k in keys]
             for m in methods]
     n = results["sets"][test]["n"]
     out.append(f"{test} test ({n} questions):\n\n" + _table(
-        ["method"] + [LABEL[k] for k in keys] + [f"Δ {LABEL[k]}" for k in ("accuracy", "ece", "nll")], rows))
+        ["method"] + [LABEL[k] for k in keys] + [f"Δ {LABEL[k]}" for k in keys], rows))
 
     if shifts:
         header, cols = ["method"], []
@@ -105,16 +105,21 @@ def tables(results: dict, methods: list[str] | None = None) -> str:
         out.append("Shift sets:\n\n" + _table(header, rows))
 
         header, cols = ["method"], []
+        ood = {b["eval_set"]: {(d["method"], d["score"]): d for d in b["rows"]} for b in results.get("ood_intervals") or []}
         for s in shifts:
             for key in ("ood_auroc_entropy", "ood_auroc_mi"):
-                header.append(f"{s} {LABEL[key]}")
+                header += [f"{s} {LABEL[key]}", "Δ"]
                 cols.append((s, key))
-        header.append(f"{test} AURC")
-        cols.append((test, "aurc"))
         best = {c: _best(results, methods, *c) for c in cols}
-        rows = [[m] + [_cell(results, m, s, key, best[(s, key)]) for s, key in cols] for m in methods]
-        out.append(f"OOD detection (AUROC, each shift set against {test} test) and selective prediction "
-                   f"(AURC on {test}, lower is better):\n\n" + _table(header, rows))
+        rows = []
+        for m in methods:
+            row = [m]
+            for s, key in cols:
+                d = ood.get(s, {}).get((m, key.removeprefix("ood_auroc_")), {}).get("auroc_diff")
+                row += [_cell(results, m, s, key, best[(s, key)]), _diff(d) if d else "—"]
+            rows.append(row)
+        out.append(f"OOD detection (AUROC, each shift set against {test} test; Δ = AUROC − MAP's entropy AUROC on "
+                   f"the same resamples):\n\n" + _table(header, rows))
     return "\n\n".join(out) + "\n"
 
 

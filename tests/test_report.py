@@ -562,7 +562,7 @@ def test_readme_tables_copy_the_report_numbers(built):
     text = _readme_tables().tables(json.loads((out / "results.json").read_text()))
     tables = parse_tables(text)
     main_table = tables[0]
-    assert main_table[0] == ["method", "ACC", "ECE", "NLL", "Brier", "Δ ACC", "Δ ECE", "Δ NLL"]
+    assert main_table[0] == ["method", "ACC", "ECE", "NLL", "Brier", "AURC", "Δ ACC", "Δ ECE", "Δ NLL", "Δ Brier", "Δ AURC"]
     by_method = {r[0]: r for r in main_table[1]}
     for m in ("map", "swag"):
         nll = results["metrics"][m]["arc_easy"]["nll"]
@@ -574,7 +574,13 @@ def test_readme_tables_copy_the_report_numbers(built):
     block = next(b for b in results["intervals"] if b["eval_set"] == "arc_easy")
     d = next(x for x in block["methods"] if x["method"] == "swag")["nll_diff"]
     star = " *" if d["significant"] else ""
-    assert by_method["swag"][7] == f"{d['value']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]{star}".replace("-", "−")
-    assert by_method["map"][7] == "—"
+    assert by_method["swag"][8] == f"{d['value']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]{star}".replace("-", "−")
+    assert by_method["map"][8] == "—"
     assert [t[0][1:3] for t in tables[1:]] == [["arc_challenge ACC", "arc_challenge NLL"],
-                                                ["arc_challenge AUROC (entropy)", "arc_challenge AUROC (MI)"]]
+                                                ["arc_challenge AUROC (entropy)", "Δ"]]
+    ood = {r[0]: r for r in tables[2][1]}
+    d = next(x for b in results["ood_intervals"] if b["eval_set"] == "arc_challenge" for x in b["rows"]
+             if (x["method"], x["score"]) == ("swag", "mi"))["auroc_diff"]
+    star = " *" if d["significant"] else ""
+    assert ood["swag"][4] == f"{d['value']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]{star}".replace("-", "−")
+    assert ood["map"][2] == "—" and ood["map"][4] == "—"  # MAP is the reference, and has no MI
