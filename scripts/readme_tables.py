@@ -84,10 +84,12 @@ def tables(results: dict, methods: list[str] | None = None) -> str:
     diffs = _diffs(results, test)
     best = {k: _best(results, methods, test, k) for k in keys}
     rows = [[m] + [_cell(results, m, test, k, best[k]) for k in keys]
-            + [_diff(diffs.get(m, {}).get(f"{k}_diff")) if m != "map" else "—" for k in keys]
+            + [_diff(diffs.get(m, {}).get(f"{k}_diff")) or "—" for k in keys]
             for m in methods]
     n = results["sets"][test]["n"]
-    out.append(f"{test} test ({n} questions):\n\n" + _table(
+    block = next((b for b in results.get("intervals") or [] if b["eval_set"] == test), None)
+    ref = block["reference"] if block and block["reference"] else "map"
+    out.append(f"{test} test ({n} questions; Δ = method − {ref}):\n\n" + _table(
         ["method"] + [LABEL[k] for k in keys] + [f"Δ {LABEL[k]}" for k in keys], rows))
 
     if shifts:
@@ -100,7 +102,7 @@ def tables(results: dict, methods: list[str] | None = None) -> str:
             row = [m]
             for s, d, best_acc, best_nll in cols:
                 row += [_cell(results, m, s, "accuracy", best_acc), _cell(results, m, s, "nll", best_nll),
-                        _diff(d.get(m, {}).get("nll_diff")) if m != "map" else "—"]
+                        _diff(d.get(m, {}).get("nll_diff")) or "—"]
             rows.append(row)
         out.append("Shift sets:\n\n" + _table(header, rows))
 
@@ -118,7 +120,7 @@ def tables(results: dict, methods: list[str] | None = None) -> str:
                 d = ood.get(s, {}).get((m, key.removeprefix("ood_auroc_")), {}).get("auroc_diff")
                 row += [_cell(results, m, s, key, best[(s, key)]), _diff(d) if d else "—"]
             rows.append(row)
-        out.append(f"OOD detection (AUROC, each shift set against {test} test; Δ = AUROC − MAP's entropy AUROC on "
+        out.append(f"OOD detection (AUROC, each shift set against {test} test; Δ = AUROC − {ref}'s entropy AUROC on "
                    f"the same resamples):\n\n" + _table(header, rows))
     return "\n\n".join(out) + "\n"
 

@@ -584,3 +584,31 @@ def test_readme_tables_copy_the_report_numbers(built):
     star = " *" if d["significant"] else ""
     assert ood["swag"][4] == f"{d['value']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]{star}".replace("-", "−")
     assert ood["map"][2] == "—" and ood["map"][4] == "—"  # MAP is the reference, and has no MI
+
+
+def test_report_reference_takes_every_paired_difference_to_another_row(built, tmp_path, capsys):
+    """``swaglora report --reference swag``: every Δ (test and shift intervals, OOD AUROC) is to swag, on the same
+    resamples as the default report (so Δ(m, swag) = Δ(m, map) − Δ(swag, map) on every resample: the point values
+    and, for a shift in location, the values agree); an unknown or unevaluated row stops before anything is written."""
+    from swaglora.cli import main
+
+    runs, results, _, _ = built
+    out = tmp_path / "vs-swag"
+    assert main(["report", *map(str, runs), "--reference", "swag", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {b["reference"] for b in res["intervals"]} == {"swag"} and {b["reference"] for b in res["ood_intervals"]} == {"swag"}
+    for block, default in zip(res["intervals"], results["intervals"]):
+        by_m = {d["method"]: d for d in block["methods"]}
+        base = {d["method"]: d for d in default["methods"]}
+        assert "nll_diff" not in by_m["swag"] and "nll_diff" in by_m["map"]
+        for k in M.BOOTSTRAP_METRICS:  # value differences recombine exactly; the intervals are the same resamples'
+            assert by_m["map"][f"{k}_diff"]["value"] == pytest.approx(-base["swag"][f"{k}_diff"]["value"], abs=1e-12)
+            assert by_m["map"][f"{k}_diff"]["lo"] == pytest.approx(-base["swag"][f"{k}_diff"]["hi"], abs=1e-12)
+            assert by_m["swag"][k] == base["swag"][k]  # the marginal intervals do not depend on the reference
+    md = (out / "report.md").read_text()
+    assert "## Intervals and differences to `swag`" in md and "`Δ` = method − `swag`" in md
+    assert "the AUROC of `swag`'s total entropy" in md
+    capsys.readouterr()
+    for bad, message in (("mapp", "not a results-table row"), ("blob", "the runs have no 'blob' results")):
+        assert main(["report", *map(str, runs), "--reference", bad, "--out", str(tmp_path / bad)]) != 0
+        assert message in capsys.readouterr().err and not (tmp_path / bad).exists()

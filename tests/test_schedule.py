@@ -127,3 +127,4 @@ def test_a_method_trains_its_own_member_for_every_member_only_when_a_row_mixes_t
     assert own_member_indices("blob", ["zero-shot", "blob", "blob-ensemble"], [0, 1]) == [0, 1]
     assert own_member_indices("blob", ["zero-shot", "blob-ensemble"], [1]) == [1]  # a process training member 1 only
     assert own_member_indices("map-matched", ["zero-shot", "map-matched"], [1, 2]) == []  # member 0's process trains it
+    assert own_member_indices("map-matched", ["zero-shot", "ensemble-matched"], [0, 1]) == [0, 1]

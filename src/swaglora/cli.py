@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", help="report directory (default: the first run's parent when several, else the run)")
     p.add_argument("--abstain-risk", type=float, default=None, help="target risk for the abstention threshold")
+    p.add_argument("--reference", default=None,
+                   help="row the paired differences are taken to (default: map), e.g. map-matched for SWAG against "
+                        "MAP at equal training compute, or ensemble for MultiSWAG against a deep ensemble")
 
     p = sub.add_parser("predict", help="predict new questions (answers optional) with a trained run: probabilities, "
                                        "uncertainty and abstention, one JSON line per question")
@@ -139,15 +142,21 @@ def _cmd_methods() -> int:
         doc = (get_method(name).__doc__ or "").strip().splitlines()
         print(f"  {name:<15} {doc[0] if doc else ''}")
     print("\nresults-table rows (--methods: a comma-separated list, 'all', or 'default' = the rows marked *):")
+    width = max(len(row.name) for row in rows())
     for row in rows():
-        print(f"{'*' if row.default else ' '} {row.name:<15} {row.help}")
+        print(f"{'*' if row.default else ' '} {row.name:<{width}} {row.help}")
     return 0
 
 
-def _report(run_dirs: list[Path], out: Path | None, abstain_risk: float | None = None) -> None:
+def _report(run_dirs: list[Path], out: Path | None, abstain_risk: float | None = None, reference: str | None = None,
+            claim: bool = False) -> None:
+    """Collect the runs' results (which checks them and ``reference``), then claim ``out`` if asked, then write."""
+    from . import validate
     from .report import collect_results, print_table, write_report
 
-    results = collect_results(run_dirs)
+    results = collect_results(run_dirs, reference=reference)
+    if claim and out is not None:
+        validate.claim_dir(out)
     target = out or (run_dirs[0] if len(run_dirs) == 1 else run_dirs[0].parent)
     path = write_report(results, target, abstain_risk=abstain_risk)
     print(print_table(results))
@@ -244,10 +253,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_methods()
     if args.command == "report":
         validate.check_abstain_risk(args.abstain_risk)
+        validate.check_reference(args.reference)
         out = validate.check_out_dir(args.out) if args.out else None
-        if out is not None:
-            validate.claim_dir(out)
-        _report([Path(r) for r in args.runs], out, args.abstain_risk)
+        _report([Path(r) for r in args.runs], out, args.abstain_risk, args.reference, claim=True)
         return 0
     progress = not args.quiet
     if args.quiet:

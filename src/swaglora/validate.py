@@ -24,7 +24,7 @@ from .data import MCQExample
 from .io import read_json
 from .evaluate import requested_rows, row_unavailable
 from .members import check_schedule, needed_posteriors, posthoc_unavailable, saved_settings_differ
-from .posterior import CONFIG_NAME, base_rows, get_method, row
+from .posterior import CONFIG_NAME, base_rows, get_method, row, row_names
 from .selection import base_examples, eval_data, training_data
 from .models import EMBEDDED_MODELS, ModelError, decoder_parts, model_source, resolve_dtype, resolve_scoring
 from .scoring import MAX_CHOICE_TOKENS, Scorer
@@ -145,6 +145,12 @@ def check_out_file(out: str, flag: str = "--out") -> None:
 def check_abstain_risk(risk: float | None) -> None:
     if risk is not None and not 0.0 < risk < 1.0:
         raise ConfigError(f"--abstain-risk must be in (0, 1) (the error rate allowed among answered questions), got {risk}")
+
+
+def check_reference(name: str | None) -> None:
+    """``report --reference``: a results-table row (or its ``+ts`` row)."""
+    if name is not None and name.removesuffix("+ts") not in row_names():
+        raise ConfigError(f"--reference {name!r}: not a results-table row; rows: {', '.join(row_names())} (or ROW+ts)")
 
 
 def _check_members(indices: list[int] | None, members: int) -> None:

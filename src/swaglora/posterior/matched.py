@@ -5,7 +5,8 @@ The ``map`` row is the best validation epoch of the MAP phase, which is where SW
 ``members.own_member_indices``) again from the same LoRA init and data order (the member's seed) for
 ``train.epochs + swag.epochs`` epochs, the same number of optimiser steps as MAP + SWAG, with its own
 schedule (warm-up, then linear decay to 0 over the whole run, ``schedule.lr_at`` with no SWAG phase), and
-keeps the best validation epoch over all of them.
+keeps the best validation epoch over all of them. ``ensemble-matched`` mixes every member's ``map-matched``
+weights (each member trained again), the deep ensemble at the training compute of MultiSWAG.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class MatchedMAP(MAP):
     name = "map-matched"
     trains_own_member = True
     rows = (Row("map-matched", 12, "MAP trained as long as MAP + SWAG (same epochs and optimiser steps, lr decaying to 0, "
-                "best validation epoch): the compute-matched baseline", sampled=False),)
+                "best validation epoch): the compute-matched baseline", sampled=False),
+            Row("ensemble-matched", 62, "deep ensemble of the members' map-matched weights: the ensemble at MultiSWAG's "
+                "training compute", all_members=True, sampled=False))
 
     @classmethod
     def member_config(cls, cfg: RunConfig) -> RunConfig:

@@ -69,7 +69,7 @@ class _Acc:
 
 
 def collect_results(run_dirs: Iterable[str | Path] | str | Path,
-                    abstain_risk: float | None = None) -> dict[str, Any]:
+                    abstain_risk: float | None = None, reference: str | None = None) -> dict[str, Any]:
     """Read evaluation runs (one directory per seed) and aggregate every metric across seeds.
 
     Args:
@@ -77,6 +77,8 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
         abstain_risk: if given, also compute the abstention threshold of each method and
             seed on the validation set (:func:`metrics.abstention_threshold`) and its risk
             and coverage on every set (:func:`metrics.selective_risk`).
+        reference: the row the paired differences are taken to (default: ``map``, the registry's reference
+            row); e.g. ``map-matched`` for SWAG against MAP at equal training compute.
 
     Returns:
         A JSON-serialisable dict (except the private ``"_raw"`` key holding the loaded
@@ -87,13 +89,16 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
         ``abstain_risk`` and ``format``.
 
     Raises:
-        ValueError: no run directories, or a directory without any ``eval/*/*/metrics.json``.
+        ValueError: no run directories, a directory without any ``eval/*/*/metrics.json``, or a ``reference``
+            that no run evaluated.
     """
     notes: list[str] = []
     runs = _load_runs(run_dirs, notes)
     seeds = [r.seed for r in runs]
     roles, set_n, methods_seen, n_samples = _catalogue(runs, notes)
     methods = sorted(methods_seen, key=_method_key)
+    if reference is not None and reference not in methods:
+        raise ValueError(f"--reference {reference}: the runs have no '{reference}' results (they have: {', '.join(methods)})")
     eval_sets, ref, val, shifts = _order_sets(runs, roles, notes)
     _note_missing(runs, methods, methods_seen, eval_sets, notes)
     acc = _accumulate(runs, methods, eval_sets, ref, shifts)
@@ -112,8 +117,9 @@ def collect_results(run_dirs: Iterable[str | Path] | str | Path,
         "notes": notes,
         "abstain_risk": None,
         "uncertain_questions": _uncertain(runs, methods, n_samples, ref, notes),
-        "intervals": _intervals(runs, methods, [x for x in eval_sets if roles[x] != "validation"], notes),
-        "ood_intervals": _ood_intervals(runs, methods, ref, shifts, {k: f for k, (f, _) in OOD_SCORES.items()}, notes),
+        "intervals": _intervals(runs, methods, [x for x in eval_sets if roles[x] != "validation"], notes, reference),
+        "ood_intervals": _ood_intervals(runs, methods, ref, shifts, {k: f for k, (f, _) in OOD_SCORES.items()}, notes,
+                                        reference),
         "costs": _costs(runs, methods, ref),
         "format": {
             "decimals": DECIMALS,

@@ -30,9 +30,19 @@ def _aligned(runs: list[_Run], s: str, m: str, answers: dict[str, str], width: i
     return out
 
 
-def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: list[str]) -> list[dict[str, Any]]:
+def reference_name(reference: str | None = None) -> str | None:
+    """The row differences are taken to: ``reference``, else the registry's reference row (the fine-tuned point
+    estimate, ``map``)."""
+    if reference is not None:
+        return reference
+    row = reference_row()
+    return row.name if row is not None else None
+
+
+def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: list[str],
+               reference: str | None = None) -> list[dict[str, Any]]:
     """Per set: :func:`metrics.paired_bootstrap` of every method that has predictions on it in every run,
-    with the questions aligned by id; differences are to the registry's reference row (the fine-tuned point estimate) where it is present."""
+    with the questions aligned by id; differences are to :func:`reference_name` where it is present."""
     out: list[dict[str, Any]] = []
     for s in sets:
         have = [m for m in methods if all((s, m) in r.entries and r.entries[(s, m)].preds for r in runs)]
@@ -47,8 +57,7 @@ def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: lis
             continue
         width = max(p.shape[1] for v in predictives.values() for p in v)
         predictives = {m: [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in v] for m, v in predictives.items()}
-        reference = reference_row()
-        ref = reference.name if reference is not None and reference.name in predictives else None
+        ref = reference_name(reference) if reference_name(reference) in predictives else None
         result = M.paired_bootstrap(predictives, labels, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
         out.append({"eval_set": s, "n": len(answers), "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref,
                     "methods": [{"method": m, **result[m]} for m in have]})
@@ -60,11 +69,11 @@ def _ids(runs: list[_Run], s: str, m: str) -> list[list[str]]:
 
 
 def _ood_intervals(runs: list[_Run], methods: list[str], ref_set: str | None, shifts: list[str],
-                   fields: dict[str, str], notes: list[str]) -> list[dict[str, Any]]:
+                   fields: dict[str, str], notes: list[str], reference: str | None = None) -> list[dict[str, Any]]:
     """Per shift set: :func:`metrics.paired_ood_bootstrap` of every method's OOD scores against the
     in-distribution test set ``ref_set`` (``fields``: score name -> predictions field; the total entropy always,
     the others for methods with several posterior samples), with both sets' questions aligned by id across
-    runs; differences are to the reference row's total entropy (MAP's) where it is present."""
+    runs; differences are to the total entropy of :func:`reference_name` (MAP's) where it is present."""
     out: list[dict[str, Any]] = []
     if ref_set is None:
         return out
@@ -93,10 +102,10 @@ def _ood_intervals(runs: list[_Run], methods: list[str], ref_set: str | None, sh
                         pair.append(getattr(p, fld)[[where[i] for i in order]])
                     pairs.append((pair[0], pair[1]))
                 scores[f"{m}\t{name}"] = pairs
-        reference = reference_row()
-        ref = f"{reference.name}\tentropy" if reference is not None and f"{reference.name}\tentropy" in scores else None
+        name = reference_name(reference)
+        ref = f"{name}\tentropy" if f"{name}\tentropy" in scores else None
         result = M.paired_ood_bootstrap(scores, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
         out.append({"eval_set": s, "reference_set": ref_set, "n_in": len(order_in), "n_out": len(order_out),
-                    "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref and reference.name,
+                    "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref and name,
                     "rows": [{"method": k.split("\t")[0], "score": k.split("\t")[1], **v} for k, v in result.items()]})
     return out

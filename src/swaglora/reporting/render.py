@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .. import metrics as M
+from ..posterior import reference_row
 from .collect import DECIMALS, BASE_METRICS, COVERAGES, OOD_SCORES, OOD_STATS, SELECTIVE_METRICS
 
 
@@ -46,17 +47,25 @@ def _interval_cell(d: dict[str, Any], signed: bool = False) -> str:
     return f"{value} [{d['lo']:.{DECIMALS}f}, {d['hi']:.{DECIMALS}f}]{star}"
 
 
+def _reference_label(name: str | None) -> str:
+    """How the text names the row differences are taken to: MAP for the default (the registry's reference row)."""
+    default = reference_row()
+    return "MAP" if name is None or (default is not None and name == default.name) else f"`{name}`"
+
+
 def interval_tables(results: dict[str, Any]) -> list[str]:
-    """The markdown section "Intervals and differences to MAP": per evaluation set, every method's 95% bootstrap
-    intervals and its paired difference to MAP (empty when ``results`` has no intervals)."""
+    """The markdown section "Intervals and differences to MAP" (or to ``--reference``): per evaluation set, every
+    method's 95% bootstrap intervals and its paired difference to the reference (empty when ``results`` has no
+    intervals)."""
     intervals = results.get("intervals") or []
     if not intervals:
         return []
     first = intervals[0]
-    L = ["## Intervals and differences to MAP", "",
+    ref = _reference_label(next((b["reference"] for b in intervals if b["reference"]), None))
+    L = [f"## Intervals and differences to {ref}", "",
          f"{round(first['level'] * 100)}% percentile intervals from {first['n_boot']} bootstrap resamples of the "
          "questions of each set; the same resamples for every method (paired) and every seed (a resample's "
-         "value is the mean over seeds). `Δ` = method − MAP on the same resamples; `*` marks a difference "
+         f"value is the mean over seeds). `Δ` = method − {ref} on the same resamples; `*` marks a difference "
          "whose interval excludes 0. The interval covers the choice of questions, not the training seed "
          "(see the ± std of the main table for that).", ""]
     for block in intervals:
@@ -131,12 +140,13 @@ def _ood_table(results: dict[str, Any], shifts: Sequence[str]) -> list[str]:
 
 
 def _ood_interval_table(results: dict[str, Any]) -> list[str]:
-    """AUROC with its bootstrap interval per shift set, and its paired difference to MAP's total entropy."""
+    """AUROC with its bootstrap interval per shift set, and its paired difference to the reference's (MAP's) total
+    entropy AUROC."""
     blocks = results.get("ood_intervals") or []
     if not blocks:
         return []
     first, labels = blocks[0], {k: lab for k, (_, lab) in OOD_SCORES.items()}
-    ref = f"the AUROC of `{first['reference']}`'s total entropy" if first["reference"] else None
+    ref = f"the AUROC of {_reference_label(first['reference'])}'s total entropy" if first["reference"] else None
     L = [f"AUROC with {round(first['level'] * 100)}% intervals from {first['n_boot']} bootstrap resamples of the "
          "questions of both sets (the in-distribution and the shift set resampled independently; the same resamples "
          "for every method, score and seed)" + (f"; `Δ` = AUROC − {ref} on the same resamples, `*` where its "
@@ -368,7 +378,8 @@ def print_table(results: dict[str, Any]) -> str:
     out.append(f"({n} seed{'s' if n != 1 else ''}; mean ± sample std when several)")
     for block in results.get("intervals") or []:
         out += ["", f"{block['eval_set']}: {block['n']} questions; {round(block['level'] * 100)}% intervals over "
-                    f"the questions (bootstrap, paired" + (", Δ = method − MAP" if block["reference"] else "") + ")"]
+                    f"the questions (bootstrap, paired" + (f", Δ = method − {_reference_label(block['reference'])}"
+                                                           if block["reference"] else "") + ")"]
         for d in block["methods"]:
             cells = [f"{METRIC_LABELS[k]} {_interval_cell(d[k])}" for k in ("accuracy", "nll")]
             cells += [f"Δ{METRIC_LABELS[k]} {_interval_cell(d[f'{k}_diff'], signed=True)}"
