@@ -612,3 +612,32 @@ def test_report_reference_takes_every_paired_difference_to_another_row(built, tm
     for bad, message in (("mapp", "not a results-table row"), ("blob", "the runs have no 'blob' results")):
         assert main(["report", *map(str, runs), "--reference", bad, "--out", str(tmp_path / bad)]) != 0
         assert message in capsys.readouterr().err and not (tmp_path / bad).exists()
+
+
+def test_mi_by_entropy_script_by_hand(tmp_path, capsys):
+    """scripts/mi_by_entropy.py: 2 entropy bins split at the pooled median 0.5. Low bin: the shift question's MI
+    0.2 beats both in-distribution MIs (0.1, 0.0): AUROC 1; high bin: 0.3 beats neither 0.5 nor 0.4: AUROC 0;
+    overall MI: 0.2 and 0.3 each beat 2 of 4: 0.5; entropy: 0.15 beats 1, 0.85 beats 3: 0.5."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mi_by_entropy", Path(__file__).resolve().parents[1] / "scripts" / "mi_by_entropy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def arrays(h, mi):
+        h, mi = np.asarray(h, float), np.asarray(mi, float)
+        return {"total_entropy": h, "mutual_information": mi, "expected_entropy": h - mi}
+
+    r = module.by_entropy(arrays([0.1, 0.2, 0.8, 0.9], [0.1, 0.0, 0.5, 0.4]), arrays([0.15, 0.85], [0.2, 0.3]), bins=2)
+    assert [w["auroc"] for w in r["within"]] == [1.0, 0.0] and [w["n"] for w in r["within"]] == [3, 3]
+    assert r["overall"]["mutual_information"] == 0.5 and r["overall"]["total_entropy"] == 0.5
+    # end to end on a run directory: one table row per method and shift set
+    for s, role, h, mi in (("t", "test", [0.1, 0.2, 0.8, 0.9], [0.1, 0.0, 0.5, 0.4]), ("o", "shift", [0.15, 0.85], [0.2, 0.3])):
+        d = tmp_path / "run" / "eval" / s / "swag"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"eval_set": s, "role": role}))
+        (d / "predictions.jsonl").write_text("".join(json.dumps({"total_entropy": a, "mutual_information": b,
+                                                                 "expected_entropy": a - b}) + "\n" for a, b in zip(h, mi)))
+    assert module.main([str(tmp_path / "run"), "--methods", "swag", "--bins", "2"]) == 0
+    rows = parse_tables(capsys.readouterr().out)[0][1]
+    assert rows == [["swag", "o", "0.500", "0.500", rows[0][4], "1.00 (33%)", "0.00 (33%)"]]
