@@ -641,3 +641,26 @@ def test_mi_by_entropy_script_by_hand(tmp_path, capsys):
     assert module.main([str(tmp_path / "run"), "--methods", "swag", "--bins", "2"]) == 0
     rows = parse_tables(capsys.readouterr().out)[0][1]
     assert rows == [["swag", "o", "0.500", "0.500", rows[0][4], "1.00 (33%)", "0.00 (33%)"]]
+
+
+def test_pairs_table_script_takes_each_difference_from_the_report_with_that_reference(built, capsys):
+    """scripts/pairs_table.py: the cell of pair a:b is ``report --reference b``'s Δ of a; a:b and b:a mirror."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pairs_table", Path(__file__).resolve().parents[1] / "scripts" / "pairs_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs, results, _, _ = built
+    header, rows = module.pair_rows(runs, [("swag", "map"), ("map", "swag")])
+    assert header[:6] == ["a − b", "arc_easy Δ ACC", "arc_easy Δ ECE", "arc_easy Δ NLL", "arc_easy Δ Brier", "arc_easy Δ AURC"]
+    d = next(x for x in results["intervals"][0]["methods"] if x["method"] == "swag")["nll_diff"]
+    star = " *" if d["significant"] else ""
+    assert rows[0][3] == f"{d['value']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{star}".replace("-", "−")
+    mirror = R.collect_results(runs, reference="swag")
+    e = next(x for x in mirror["intervals"][0]["methods"] if x["method"] == "map")["nll_diff"]
+    assert e["value"] == pytest.approx(-d["value"], abs=1e-12) and e["lo"] == pytest.approx(-d["hi"], abs=1e-12)
+    ood = next(b for b in results["ood_intervals"] if b["eval_set"] == "arc_challenge")
+    f = next(x for x in ood["rows"] if (x["method"], x["score"]) == ("swag", "entropy"))["auroc_diff"]
+    assert rows[0][header.index("arc_challenge Δ AUROC (entropy)")].startswith(f"{f['value']:+.3f}".replace("-", "−"))
+    assert module.main([*map(str, runs), "--pairs", "swag:map"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| swag − map | ")
