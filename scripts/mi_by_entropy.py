@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from swaglora import metrics as M
+from swaglora.reporting.load import read_predictions
 
 FIELDS = ("mutual_information", "total_entropy", "expected_entropy")
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {k: np.asarray([r[k] for r in rows], dtype=np.float64) for k in FIELDS}
+    preds = read_predictions(path)  # the report's reader: the same checks and fields
+    return {k: getattr(preds, k) for k in FIELDS}
 
 
 def by_entropy(inside: dict[str, np.ndarray], shift: dict[str, np.ndarray], bins: int) -> dict:

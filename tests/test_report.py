@@ -636,8 +636,10 @@ def test_mi_by_entropy_script_by_hand(tmp_path, capsys):
         d = tmp_path / "run" / "eval" / s / "swag"
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps({"eval_set": s, "role": role}))
-        (d / "predictions.jsonl").write_text("".join(json.dumps({"total_entropy": a, "mutual_information": b,
-                                                                 "expected_entropy": a - b}) + "\n" for a, b in zip(h, mi)))
+        (d / "predictions.jsonl").write_text("".join(json.dumps({
+            "id": f"{s}{i}", "question": "q", "labels": ["A", "B"], "answer": "A", "prediction": "A", "probs": [0.6, 0.4],
+            "confidence": 0.6, "correct": True, "total_entropy": a, "mutual_information": b, "expected_entropy": a - b})
+            + "\n" for i, (a, b) in enumerate(zip(h, mi))))
     assert module.main([str(tmp_path / "run"), "--methods", "swag", "--bins", "2"]) == 0
     rows = parse_tables(capsys.readouterr().out)[0][1]
     assert rows == [["swag", "o", "0.500", "0.500", rows[0][4], "1.00 (33%)", "0.00 (33%)"]]

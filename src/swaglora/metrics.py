@@ -475,12 +475,12 @@ def _percentile_intervals(point: dict[str, dict[str, float]], boot: dict[str, di
     return out
 
 
-def paired_ood_bootstrap(scores: dict[str, list[tuple[Any, Any]]], reference: str | None = None, n_boot: int = 1000,
-                         level: float = 0.95, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+def paired_ood_bootstrap(scores: dict[Any, list[tuple[Any, Any]]], reference: Any = None, n_boot: int = 1000,
+                         level: float = 0.95, seed: int = 0) -> dict[Any, dict[str, dict[str, float]]]:
     """Percentile intervals of OOD AUROC over resampled questions, paired across scores and pooled over seeds.
 
     Args:
-        scores: name (a method's score, e.g. ``"swag/mutual_information"``) -> one ``(scores_in, scores_out)``
+        scores: name (any hashable: the report uses ``(method, score)``) -> one ``(scores_in, scores_out)``
             pair per seed, every pair on the same in-distribution and shift questions (same order).
         reference: the name differences are taken to (``None``: no differences).
 

@@ -21,13 +21,21 @@ def _aligned(runs: list[_Run], s: str, m: str, answers: dict[str, str], width: i
     ids, out = list(answers), []
     for r in runs:
         p = r.entries[(s, m)].preds
-        order = {row["id"]: i for i, row in enumerate(p.rows)}
-        if len(order) != len(ids) or any(answers.get(row["id"]) != row["answer"] for row in p.rows):
+        order = _order(p.rows, ids)
+        if order is None or any(answers.get(row["id"]) != row["answer"] for row in p.rows):
             return None
         probs = np.zeros((len(ids), max(width, p.probs.shape[1])))
-        probs[:, : p.probs.shape[1]] = p.probs[[order[i] for i in ids]]
+        probs[:, : p.probs.shape[1]] = p.probs[order]
         out.append(probs)
     return out
+
+
+def _order(rows: list[dict[str, Any]], ids: list[str]) -> list[int] | None:
+    """The positions of ``ids`` among the prediction ``rows`` (question ids), or None if the rows are other questions."""
+    where = {row["id"]: i for i, row in enumerate(rows)}
+    if len(where) != len(ids) or any(i not in where for i in ids):
+        return None
+    return [where[i] for i in ids]
 
 
 def reference_name(reference: str | None = None) -> str | None:
@@ -57,15 +65,12 @@ def _intervals(runs: list[_Run], methods: list[str], sets: list[str], notes: lis
             continue
         width = max(p.shape[1] for v in predictives.values() for p in v)
         predictives = {m: [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in v] for m, v in predictives.items()}
-        ref = reference_name(reference) if reference_name(reference) in predictives else None
+        name = reference_name(reference)
+        ref = name if name in predictives else None
         result = M.paired_bootstrap(predictives, labels, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
         out.append({"eval_set": s, "n": len(answers), "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref,
                     "methods": [{"method": m, **result[m]} for m in have]})
     return out
-
-
-def _ids(runs: list[_Run], s: str, m: str) -> list[list[str]]:
-    return [[row["id"] for row in r.entries[(s, m)].preds.rows] for r in runs]
 
 
 def _ood_intervals(runs: list[_Run], methods: list[str], ref_set: str | None, shifts: list[str],
@@ -77,35 +82,27 @@ def _ood_intervals(runs: list[_Run], methods: list[str], ref_set: str | None, sh
     out: list[dict[str, Any]] = []
     if ref_set is None:
         return out
+    name = reference_name(reference)
     for s in shifts:
         have = [m for m in methods if all(r.entries.get((x, m)) is not None and r.entries[(x, m)].preds is not None
                                           for r in runs for x in (ref_set, s))]
         if not have:
             continue
-        order_in, order_out = _ids(runs[:1], ref_set, have[0])[0], _ids(runs[:1], s, have[0])[0]
-        if any(sorted(ids) != sorted(order) for m in have for x, order in ((ref_set, order_in), (s, order_out))
-               for ids in _ids(runs, x, m)):
+        ids = {x: [row["id"] for row in runs[0].entries[(x, have[0])].preds.rows] for x in (ref_set, s)}
+        orders = {(k, x, m): _order(r.entries[(x, m)].preds.rows, ids[x]) for k, r in enumerate(runs) for x in ids for m in have}
+        if any(o is None for o in orders.values()):
             notes.append(f"{s}: methods or seeds were scored on different questions; no OOD intervals for {s}.")
             continue
-        scores: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        scores: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
         for m in have:
-            multi = any(_n_samples(r.entries[(x, m)]) > 1 for r in runs for x in (ref_set, s))
-            for name, fld in fields.items():
-                if name != "entropy" and not multi:
-                    continue
-                pairs = []
-                for r in runs:
-                    pair = []
-                    for x, order in ((ref_set, order_in), (s, order_out)):
-                        p = r.entries[(x, m)].preds
-                        where = {row["id"]: i for i, row in enumerate(p.rows)}
-                        pair.append(getattr(p, fld)[[where[i] for i in order]])
-                    pairs.append((pair[0], pair[1]))
-                scores[f"{m}\t{name}"] = pairs
-        name = reference_name(reference)
-        ref = f"{name}\tentropy" if f"{name}\tentropy" in scores else None
+            multi = any(_n_samples(r.entries[(x, m)]) > 1 for r in runs for x in ids)
+            for score, fld in fields.items():
+                if score == "entropy" or multi:
+                    scores[(m, score)] = [tuple(getattr(r.entries[(x, m)].preds, fld)[orders[(k, x, m)]]
+                                                for x in (ref_set, s)) for k, r in enumerate(runs)]
+        ref = (name, "entropy") if (name, "entropy") in scores else None
         result = M.paired_ood_bootstrap(scores, reference=ref, n_boot=N_BOOT, level=INTERVAL_LEVEL, seed=0)
-        out.append({"eval_set": s, "reference_set": ref_set, "n_in": len(order_in), "n_out": len(order_out),
+        out.append({"eval_set": s, "reference_set": ref_set, "n_in": len(ids[ref_set]), "n_out": len(ids[s]),
                     "n_boot": N_BOOT, "level": INTERVAL_LEVEL, "reference": ref and name,
-                    "rows": [{"method": k.split("\t")[0], "score": k.split("\t")[1], **v} for k, v in result.items()]})
+                    "rows": [{"method": m, "score": score, **v} for (m, score), v in result.items()]})
     return out

@@ -154,12 +154,12 @@ def _ood_interval_table(results: dict[str, Any]) -> list[str]:
     header = ["Method", "Score"]
     for b in blocks:
         header += [f"{b['eval_set']} AUROC"] + ([f"{b['eval_set']} Δ AUROC"] if b["reference"] else [])
-    keys = list(dict.fromkeys((d["method"], d["score"]) for b in blocks for d in b["rows"]))
+    by_key = [{(d["method"], d["score"]): d for d in b["rows"]} for b in blocks]
     rows = []
-    for m, score in keys:
+    for m, score in dict.fromkeys(k for keyed in by_key for k in keyed):
         row = [_md_escape(m), labels.get(score, score)]
-        for b in blocks:
-            d = next((d for d in b["rows"] if (d["method"], d["score"]) == (m, score)), None)
+        for b, keyed in zip(blocks, by_key):
+            d = keyed.get((m, score))
             row.append(_interval_cell(d["auroc"]) if d else "—")
             if b["reference"]:
                 row.append(_interval_cell(d["auroc_diff"], signed=True) if d and "auroc_diff" in d else "—")
