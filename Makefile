@@ -40,7 +40,8 @@ study: $(STAMP)
 
 # The same study on OBQA: 2,000 of its 4,957 training questions, its full validation (500) and test (500) splits.
 study-obqa: $(STAMP)
-	$(PY) scripts/protocol_study.py --out runs/study-obqa --report docs/protocol-study-obqa.md --task obqa \
+	$(PY) scripts/protocol_study.py --out runs/study-obqa --report docs/protocol-study-obqa.md \
+		--state docs/protocol-study-obqa/study.json --task obqa \
 		--train-limit 2000 --val-limit 0 --eval-limit 0 --members 1 --methods map,swag,multiswag
 
 clean:

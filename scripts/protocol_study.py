@@ -87,12 +87,13 @@ def _flags(values: list[tuple[str, list[str]]], label: str) -> list[str]:
 
 
 class Study:
-    def __init__(self, out: Path, base: list[str], factors: dict, seeds: list[int]) -> None:
+    def __init__(self, out: Path, base: list[str], factors: dict, seeds: list[int], state: Path | None = None) -> None:
         self.out, self.base, self.factors, self.seeds = out, base, factors, seeds
-        self.state_path = out / "study.json"
+        self.state_path = state or out / "study.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"runs": {}, "stages": {}}
 
     def _save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.state_path, self.state)
 
     def _train_flags(self, choice: dict[str, str]) -> list[str]:
@@ -155,14 +156,17 @@ class Study:
                 raise SystemExit(f"{'recollecting' if collect else 'training'} {train_dir} failed ({code})")
 
     def run(self, key: str, train_flags: list[str], eval_flags: list[str], seed: int, validation_only: bool = True,
-            members_from: list[str] | None = None, collect: bool = False) -> dict:
+            members_from: list[str] | None = None, collect: bool = False, need_files: bool = False) -> dict:
         """Train (once per training setting and seed) and evaluate; returns the rows' validation (or test) metrics.
 
         ``members_from``: the train flags of a run with more members: evaluate a copy of its first members (the
         count that ``train_flags`` asks for) instead of training this setting on its own. ``collect``: rebuild the
-        run from the recorded trajectory (:meth:`_trained`)."""
-        if key in self.state["runs"]:
-            return self.state["runs"][key]
+        run from the recorded trajectory (:meth:`_trained`). ``need_files``: the caller reads the run's predictions,
+        so a recorded run whose evaluation directory is missing (a state file carried to another machine) is run
+        again; otherwise its record (the metrics) is enough."""
+        record = self.state["runs"].get(key)
+        if record is not None and (not need_files or (Path(record["eval_dir"]) / "results.json").is_file()):
+            return record  # a recorded run whose files are gone (another machine's state) is redone when they are needed
         start = time.perf_counter()
         if members_from is None:
             train_dir = self._train_dir(train_flags, seed)
@@ -198,7 +202,15 @@ class Study:
         start = time.perf_counter()
         base = {name: values[0][0] for name, (_, _, values) in self.factors.items()}
         best, lowest, diffs = {}, {}, {}
+        done = self.state.setdefault("screened_factors", {})  # factor -> its finished result, saved as each ends
+        finished = self.state["stages"].get("screen")  # a state written before factors were saved one by one
+        for name in finished["best"] if finished else ():
+            done.setdefault(name, {"best": finished["best"][name], "lowest": finished["lowest"][name],
+                                   "differences": finished["differences"][name]})
         for name, (row, kind, values) in self.factors.items():
+            if name in done:  # its differences need no files: a study resumed elsewhere skips the factor
+                best[name], lowest[name], diffs[name] = done[name]["best"], done[name]["lowest"], done[name]["differences"]
+                continue
             scores, records = {}, {}
             largest = None
             if kind == "members":  # one run with the most members, started with the base run's member 0
@@ -213,11 +225,13 @@ class Study:
                 shared = largest if largest is not None and flags and _members(flags) != _members(largest) else None
                 records[label] = self.run(f"screen/{name}/{_slug([label])}", self._train_flags(choice),
                                           self._eval_flags(choice), self.seeds[0], members_from=shared,
-                                          collect=shared is None and self._collectable(choice))
+                                          collect=shared is None and self._collectable(choice), need_files=True)
                 scores[label] = _score(records[label], row)
             lowest[name] = min(scores, key=scores.get)
             diffs[name] = _differences(records, row, values[0][0])
             best[name] = lowest[name] if diffs[name].get(lowest[name], {}).get("significant") else values[0][0]
+            done[name] = {"best": best[name], "lowest": lowest[name], "differences": diffs[name]}
+            self._save()
         self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "lowest": lowest,
                                           "differences": diffs, "base": base}
         self._save()
@@ -256,7 +270,7 @@ class Study:
         start = time.perf_counter()
         choice = self.state["stages"]["confirm"]["choice"]
         records = [self.run(f"test/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed,
-                            validation_only=False) for seed in self.seeds]
+                            validation_only=False, need_files=True) for seed in self.seeds]
         code = swaglora(["report", *(r["eval_dir"] for r in records), "--out", str(self.test_report_dir)])
         if code:
             raise SystemExit(f"reporting the test runs into {self.test_report_dir} failed ({code})")
@@ -324,7 +338,7 @@ def write_report(study: Study, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     state, runs = study.state, study.state["runs"]
-    figures = path.parent / "protocol-study"
+    figures = path.with_suffix("")  # docs/protocol-study.md -> docs/protocol-study/ (one folder per report)
     figures.mkdir(parents=True, exist_ok=True)
     lines = ["# Protocol study", "", f"Base flags: `{' '.join(study.base)}`; seeds {study.seeds}. Every choice below is "
              "made on the validation split; the test split is used once, in the last table. The screen (one seed, one "
@@ -352,7 +366,7 @@ def write_report(study: Study, path: Path) -> Path:
             delta = (f"{d['value']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]{' *' if d['significant'] else ''}" if d else "")
             lines.append(f"| {label}{mark} | {v[shown]['nll']:.4f} | {delta} | {v[shown]['ece']:.4f} | "
                          f"{v[shown]['accuracy']:.4f} | {v['map']['nll']:.4f} | {r['seconds']:.0f} |")
-        lines += ["", f"![{name}](protocol-study/{name}.png)", ""]
+        lines += ["", f"![{name}]({figures.name}/{name}.png)", ""]
         fig = Figure(figsize=(4, 3))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
@@ -429,12 +443,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="confirm/test seeds; the screen uses the first")
     parser.add_argument("--grid", default="full", choices=["full", "tiny"])
     parser.add_argument("--report", default="docs/protocol-study.md")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="the study's state file (every finished run's metrics, each stage's choice; default "
+                             "OUT/study.json). Kept in the repository, it carries a study across machines: finished "
+                             "runs are not redone, except those whose predictions a later step reads")
     args, base = parser.parse_known_args(argv)
     if not base:  # the study's protocol: full ARC-Easy train (2,251) and validation (570) splits
         base = ["--task", "arc_easy", "--train-limit", "0", "--val-limit", "0", "--eval-limit", "0", "--members", "1",
                 "--methods", "map,swag,multiswag"]
     base = BASE_PROTOCOL + base
-    study = Study(Path(args.out), base, TINY if args.grid == "tiny" else FACTORS, [int(s) for s in args.seeds.split(",")])
+    study = Study(Path(args.out), base, TINY if args.grid == "tiny" else FACTORS, [int(s) for s in args.seeds.split(",")],
+                  args.state)
     stages = ["screen", "confirm", "test", "report"] if args.stage == "all" else [args.stage]
     for stage in stages:
         start = time.perf_counter()

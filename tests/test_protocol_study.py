@@ -148,6 +148,36 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     stamps = {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()}
     assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
     assert {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()} == stamps
+    # carried to another machine: the state file alone (--state, as make study-obqa keeps it in docs/), no runs.
+    # The screen and the confirmation need only the recorded metrics: nothing is trained for them; the test stage
+    # reads its runs' predictions for the pooled report, so it redoes them, with the same numbers (fp32)
+    carried, out2 = tmp_path / "carried" / "study.json", tmp_path / "elsewhere"
+    carried.parent.mkdir()
+    assert state["screened_factors"] == {name: {"best": screen["best"][name], "lowest": screen["lowest"][name],
+                                                "differences": screen["differences"][name]} for name in study_module.TINY}
+    older = {k: v for k, v in state.items() if k != "screened_factors"}  # a state from before factors were saved singly
+    carried.write_text(json.dumps(older))
+    out.rename(tmp_path / "gone")  # the other machine has none of the runs
+    report2 = tmp_path / "docs" / "protocol-study-other.md"
+    assert study_module.main(["--out", str(out2), "--state", str(carried), "--grid", "tiny", "--seeds", "0,1",
+                              "--report", str(report2), *base]) == 0
+    moved = json.loads(carried.read_text())
+    for stage, before in (("screen", screen), ("confirm", confirm)):  # the same choices (the stage clocks restart)
+        assert {k: v for k, v in moved["stages"][stage].items() if k != "seconds"} == {
+            k: v for k, v in before.items() if k != "seconds"}
+    assert {k: v for k, v in moved["runs"].items() if not k.startswith("test/")} == {
+        k: v for k, v in runs.items() if not k.startswith("test/")}
+    trained = sorted(p.name for p in (out2 / "runs").iterdir())
+    assert len(trained) == 2 and all(name.endswith(("-seed0", "-seed1")) for name in trained)  # the test runs only
+    for s in (0, 1):
+        again = moved["runs"][f"test/seed{s}"]
+        assert Path(again["eval_dir"]).is_relative_to(out2) and again["metrics"] == runs[f"test/seed{s}"]["metrics"]
+    assert not (out2 / "study.json").exists()
+    # each report has its own figure folder, named after it: the first report's figures are not overwritten
+    text2 = report2.read_text()
+    for name in study_module.TINY:
+        assert f"](protocol-study-other/{name}.png)" in text2 and (report2.parent / "protocol-study-other" / f"{name}.png").is_file()
+        assert f"](protocol-study/{name}.png)" in text
 
 
 def _write_row(eval_dir: Path, row: str, probs: list[list[float]], answers: list[int]) -> dict:
