@@ -90,6 +90,10 @@ class Study:
     def __init__(self, out: Path, base: list[str], factors: dict, seeds: list[int], state: Path | None = None) -> None:
         self.out, self.base, self.factors, self.seeds = out, base, factors, seeds
         self.state_path = state or out / "study.json"
+        # what the test stage leaves (each seed's evaluation, the pooled report) lies beside the state file, so a
+        # study whose state is committed keeps its test predictions too (a few MB), and its test stage can span
+        # sessions; the trained runs and the screen's evaluations stay in ``out``
+        self.kept = self.state_path.parent
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"runs": {}, "stages": {}}
 
     def _save(self) -> None:
@@ -179,7 +183,7 @@ class Study:
             if not (train_dir / "config.json").is_file():
                 self._copy_members(source, train_dir, count, count)
         trained = time.perf_counter() - start
-        eval_dir = self.out / "eval" / key
+        eval_dir = (self.kept if key.startswith("test/") else self.out / "eval") / key
         code = swaglora(["evaluate", "--run", str(train_dir), "--out", str(eval_dir), *eval_flags, "--quiet",
                          *(["--validation-only"] if validation_only else [])])
         if code:
@@ -266,7 +270,7 @@ class Study:
     def test(self) -> None:
         """The chosen protocol on the test and shift splits, once per seed; then the product's report over the
         seeds (``swaglora report``: pooled bootstrap intervals, paired differences to MAP, OOD detection,
-        selective prediction) in ``<out>/test-report``."""
+        selective prediction) in ``test-report`` beside the state file (by default ``<out>``)."""
         start = time.perf_counter()
         choice = self.state["stages"]["confirm"]["choice"]
         records = [self.run(f"test/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed,
@@ -279,7 +283,7 @@ class Study:
 
     @property
     def test_report_dir(self) -> Path:
-        return self.out / "test-report"
+        return self.kept / "test-report"
 
 
 def _last(flags: list[str], flag: str, default):

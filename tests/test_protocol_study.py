@@ -171,8 +171,10 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     assert len(trained) == 2 and all(name.endswith(("-seed0", "-seed1")) for name in trained)  # the test runs only
     for s in (0, 1):
         again = moved["runs"][f"test/seed{s}"]
-        assert Path(again["eval_dir"]).is_relative_to(out2) and again["metrics"] == runs[f"test/seed{s}"]["metrics"]
-    assert not (out2 / "study.json").exists()
+        # kept beside the state file, with the pooled report, so that committing the state keeps them
+        assert Path(again["eval_dir"]) == carried.parent / "test" / f"seed{s}"
+        assert again["metrics"] == runs[f"test/seed{s}"]["metrics"]
+    assert not (out2 / "study.json").exists() and (carried.parent / "test-report" / "report.md").is_file()
     # each report has its own figure folder, named after it: the first report's figures are not overwritten
     text2 = report2.read_text()
     for name in study_module.TINY:
