@@ -344,7 +344,8 @@ def write_report(study: Study, path: Path) -> Path:
     state, runs = study.state, study.state["runs"]
     figures = path.with_suffix("")  # docs/protocol-study.md -> docs/protocol-study/ (one folder per report)
     figures.mkdir(parents=True, exist_ok=True)
-    lines = ["# Protocol study", "", f"Base flags: `{' '.join(study.base)}`; seeds {study.seeds}. Every choice below is "
+    task = _last(study.base, "--task", None)
+    lines = ["# Protocol study" + (f" ({task})" if task else ""), "", f"Base flags: `{' '.join(study.base)}`; seeds {study.seeds}. Every choice below is "
              "made on the validation split; the test split is used once, in the last table. The screen (one seed, one "
              "factor at a time) adopts a factor's lowest-NLL value only when its paired bootstrap difference to the "
              "base value (1,000 resamples of the validation questions, the same for every value) excludes 0, marked *; "
