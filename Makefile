@@ -42,7 +42,8 @@ study: $(STAMP)
 study-obqa: $(STAMP)
 	$(PY) scripts/protocol_study.py --out runs/study-obqa --report docs/protocol-study-obqa.md \
 		--state docs/protocol-study-obqa/study.json --task obqa \
-		--train-limit 2000 --val-limit 0 --eval-limit 0 --members 1 --methods map,swag,multiswag
+		--train-limit 2000 --val-limit 0 --eval-limit 0 --members 1 --methods map,swag,multiswag \
+		--candidate 'defaults={"placement": "all, q_proj+v_proj", "samples": "S=15"}'
 
 clean:
 	rm -rf runs build *.egg-info

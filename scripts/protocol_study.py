@@ -14,11 +14,13 @@ Stages (each skips the runs that are already done, so an interrupted study conti
    ``swaglora evaluate --validation-only``: the test split is never loaded. A factor's value with the lowest
    validation NLL of the factor's row (``swag``, or ``multiswag`` for members) is adopted only when its paired
    bootstrap difference to the base value excludes 0; otherwise the base value stays.
-2. ``confirm``: the base protocol and the protocol made of the adopted values, with ``--seeds`` (3 by default), one
-   member each (the score, ``swag``, is member 0's), again on validation only; the adopted member count joins the
-   chosen protocol afterwards.
-3. ``test``: the chosen protocol (the better of the two by mean validation NLL over seeds), evaluated once on the
-   full test and shift splits.
+2. ``confirm``: the base protocol, the protocol made of the adopted values and any ``--candidate`` (e.g. the
+   product's defaults, chosen by the study of another task), with ``--seeds`` (3 by default), one member each (the
+   score, ``swag``, is member 0's), again on validation only; the adopted member count joins the chosen protocol
+   afterwards. Each candidate's paired difference to the chosen one, pooled over the seeds, is recorded with its
+   interval.
+3. ``test``: the chosen protocol (the lowest mean validation NLL over seeds), evaluated once on the full test and
+   shift splits.
 4. ``report``: ``docs/protocol-study.md`` (one table and one plot per factor, the stage times, the choice, the test
    results) and ``study.json`` in the output directory.
 
@@ -87,8 +89,10 @@ def _flags(values: list[tuple[str, list[str]]], label: str) -> list[str]:
 
 
 class Study:
-    def __init__(self, out: Path, base: list[str], factors: dict, seeds: list[int], state: Path | None = None) -> None:
+    def __init__(self, out: Path, base: list[str], factors: dict, seeds: list[int], state: Path | None = None,
+                 candidates: dict[str, dict[str, str]] | None = None) -> None:
         self.out, self.base, self.factors, self.seeds = out, base, factors, seeds
+        self.candidates = candidates or {}  # more protocols for the confirmation: name -> {factor: label} over the base
         self.state_path = state or out / "study.json"
         # what the test stage leaves (each seed's evaluation, the pooled report) lies beside the state file, so a
         # study whose state is committed keeps its test predictions too (a few MB), and its test stage can span
@@ -236,10 +240,15 @@ class Study:
             best[name] = lowest[name] if diffs[name].get(lowest[name], {}).get("significant") else values[0][0]
             done[name] = {"best": best[name], "lowest": lowest[name], "differences": diffs[name]}
             self._save()
-        self.state["stages"]["screen"] = {"seconds": time.perf_counter() - start, "best": best, "lowest": lowest,
+        self.state["stages"]["screen"] = {"seconds": self._stage_seconds("screen", start), "best": best, "lowest": lowest,
                                           "differences": diffs, "base": base}
         self._save()
         return best
+
+    def _stage_seconds(self, stage: str, start: float) -> float:
+        """The stage's time over every call that worked on it: a call that finds the stage done adds its own few
+        seconds to the recorded time instead of replacing it."""
+        return self.state["stages"].get(stage, {}).get("seconds", 0.0) + time.perf_counter() - start
 
     def _member_factor(self) -> str | None:
         return next((name for name, (_, kind, _) in self.factors.items() if kind == "members"), None)
@@ -255,15 +264,24 @@ class Study:
         candidates = {"base": stage["base"]}
         if screened != stage["base"]:
             candidates["screened"] = screened
-        means = {}
+        for name, values in self.candidates.items():  # e.g. the product's defaults, chosen by another task's study
+            choice = {**stage["base"], **values, **({members: stage["base"][members]} if members else {})}
+            if choice not in candidates.values():
+                candidates[name] = choice
+        means, records = {}, {}
         for name, choice in candidates.items():
-            nlls = [_score(self.run(f"confirm/{name}/seed{seed}", self._train_flags(choice), self._eval_flags(choice), seed),
-                           "swag") for seed in self.seeds]
-            means[name] = sum(nlls) / len(nlls)
+            records[name] = [self.run(f"confirm/{name}/seed{seed}", self._train_flags(choice), self._eval_flags(choice),
+                                      seed) for seed in self.seeds]
+            means[name] = sum(_score(r, "swag") for r in records[name]) / len(self.seeds)
         chosen = min(means, key=means.get)
         choice = {**candidates[chosen], **({members: stage["best"][members]} if members else {})}
-        self.state["stages"]["confirm"] = {"seconds": time.perf_counter() - start, "mean_validation_nll": means,
-                                           "chosen": chosen, "choice": choice}
+        diffs = _pooled_differences(records, "swag", chosen)
+        before = self.state["stages"].get("confirm") or {}
+        if diffs is None and before.get("candidates") == candidates:  # carried elsewhere: keep what the files gave
+            diffs = before.get("differences")
+        self.state["stages"]["confirm"] = {"seconds": self._stage_seconds("confirm", start), "mean_validation_nll": means,
+                                           "chosen": chosen, "choice": choice, "candidates": candidates,
+                                           "differences": diffs}
         self._save()
         return choice
 
@@ -278,7 +296,7 @@ class Study:
         code = swaglora(["report", *(r["eval_dir"] for r in records), "--out", str(self.test_report_dir)])
         if code:
             raise SystemExit(f"reporting the test runs into {self.test_report_dir} failed ({code})")
-        self.state["stages"]["test"] = {"seconds": time.perf_counter() - start, "report": str(self.test_report_dir)}
+        self.state["stages"]["test"] = {"seconds": self._stage_seconds("test", start), "report": str(self.test_report_dir)}
         self._save()
 
     @property
@@ -314,6 +332,39 @@ def _validation_predictive(record: dict, row: str):
     preds = read_predictions(folder / (row if (folder / row).is_dir() else "swag") / "predictions.jsonl")
     labels = torch.tensor([r["labels"].index(r["answer"]) for r in preds.rows])
     return [r["id"] for r in preds.rows], torch.from_numpy(preds.probs), labels
+
+
+def _pooled_differences(records: dict[str, list[dict]], row: str, reference: str) -> dict[str, dict] | None:
+    """Each protocol's validation NLL of ``row`` minus the ``reference`` protocol's, pooled over the seeds (the mean
+    over seeds of the per-seed difference), with a 95% interval by bootstrap over the validation questions, paired
+    (the same resamples for every protocol and seed; where each seed has its own seeded validation split, over the
+    (seed, question) pairs, whose mean is the mean over seeds for splits of equal size):
+    {protocol: {value, lo, hi, significant}}. ``records``: each
+    protocol's runs, one per seed, in the same seed order. ``None`` when a run's predictions are not on this machine
+    (a confirmation resumed from a carried state file needs only the recorded metrics to choose)."""
+    from swaglora.metrics import paired_bootstrap
+
+    if not all((Path(r["eval_dir"]) / "results.json").is_file() for runs in records.values() for r in runs):
+        return None
+    import torch
+
+    loaded = {name: [_validation_predictive(r, row) for r in runs] for name, runs in records.items()}
+    for i, (ids, _, _) in enumerate(loaded[reference]):  # each seed's questions are the same for every protocol
+        if any(runs[i][0] != ids for runs in loaded.values()):
+            raise SystemExit(f"the {row} rows of {sorted(records)} are not on the same validation questions")
+    first = loaded[reference][0][0]
+    if all(ids == first for ids, _, _ in loaded[reference]):  # one validation split (e.g. an official one)
+        boot = paired_bootstrap({name: [v[1] for v in runs] for name, runs in loaded.items()},
+                                loaded[reference][0][2], reference=reference)
+    else:  # a seeded split per seed: the units resampled are (seed, question) pairs, still the same for every protocol
+        width = max(v[1].shape[1] for runs in loaded.values() for v in runs)
+
+        def joined(runs: list) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(v[1], (0, width - v[1].shape[1])) for v in runs])
+
+        boot = paired_bootstrap({name: [joined(runs)] for name, runs in loaded.items()},
+                                torch.cat([v[2] for v in loaded[reference]]), reference=reference)
+    return {name: boot[name]["nll_diff"] for name in records if name != reference}
 
 
 def _differences(records: dict[str, dict], row: str, reference: str) -> dict[str, dict]:
@@ -405,8 +456,17 @@ def write_report(study: Study, path: Path) -> Path:
                          f"{v['map']['accuracy']:.4f} | {r['seconds'] / 60:.1f} |")
         lines.append("")
     if confirm:
-        lines += ["| protocol | mean validation NLL (swag) |", "|---|---:|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in confirm["mean_validation_nll"].items()]
+        extra = {k: v for k, v in confirm.get("candidates", {}).items() if k not in ("base", "screened")}
+        lines += [f"`{k}`: `{json.dumps({f: lab for f, lab in v.items() if lab != screen['base'].get(f)})}` over the base."
+                  for k, v in extra.items()] + ([""] if extra else [])
+        diffs = confirm.get("differences") or {}
+        lines += [f"| protocol | mean validation NLL (swag) | Δ to {confirm['chosen']}, pooled over seeds [95% CI] |",
+                  "|---|---:|---|"]
+        lines += [f"| {k} | {v:.4f} | " + (f"{diffs[k]['value']:+.4f} [{diffs[k]['lo']:+.4f}, {diffs[k]['hi']:+.4f}]"
+                                            f"{'*' if diffs[k]['significant'] else ''}" if k in diffs else "") + " |"
+                  for k, v in confirm["mean_validation_nll"].items()]
+        lines += ["", "(paired bootstrap over the validation questions, the same resamples for every protocol and seed; "
+                  "* the interval excludes 0)"] if diffs else []
         lines += ["", f"Chosen: **{confirm['chosen']}**: `{json.dumps(confirm['choice'])}`", ""]
         if confirm.get("note"):  # e.g. a confirmation whose records were restored by hand from an earlier report
             lines += [f"Note: {confirm['note']}", ""]
@@ -441,6 +501,29 @@ def write_report(study: Study, path: Path) -> Path:
     return path
 
 
+def _parse_candidates(given: list[str], factors: dict, parser: argparse.ArgumentParser) -> dict[str, dict[str, str]]:
+    """``--candidate NAME=JSON`` values, checked against the grid before anything runs."""
+    candidates: dict[str, dict[str, str]] = {}
+    for text in given:
+        name, sep, spec = text.partition("=")
+        if not sep or not name or name in ("base", "screened") or name in candidates or "/" in name:
+            parser.error(f"--candidate {text!r}: expected NAME=JSON with a new name other than base and screened")
+        try:
+            values = json.loads(spec)
+        except json.JSONDecodeError as err:
+            parser.error(f"--candidate {name}: the values are not JSON ({err})")
+        if not isinstance(values, dict) or not values:
+            parser.error(f"--candidate {name}: expected a JSON object of factor: value")
+        for factor, label in values.items():
+            if factor not in factors:
+                parser.error(f"--candidate {name}: unknown factor {factor!r} (the grid's: {', '.join(factors)})")
+            labels = [lab for lab, _ in factors[factor][2]]
+            if label not in labels:
+                parser.error(f"--candidate {name}: {factor} has no value {label!r} (its values: {labels})")
+        candidates[name] = values
+    return candidates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/study", help="study directory (resumable)")
@@ -452,13 +535,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the study's state file (every finished run's metrics, each stage's choice; default "
                              "OUT/study.json). Kept in the repository, it carries a study across machines: finished "
                              "runs are not redone, except those whose predictions a later step reads")
+    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=JSON",
+                        help="one more protocol for the confirmation, as factor values over the base, e.g. "
+                             "'defaults={\"placement\": \"all, q_proj+v_proj\", \"samples\": \"S=15\"}' (the "
+                             "product's defaults, chosen on another task); repeatable")
     args, base = parser.parse_known_args(argv)
+    factors = TINY if args.grid == "tiny" else FACTORS
+    candidates = _parse_candidates(args.candidate, factors, parser)
     if not base:  # the study's protocol: full ARC-Easy train (2,251) and validation (570) splits
         base = ["--task", "arc_easy", "--train-limit", "0", "--val-limit", "0", "--eval-limit", "0", "--members", "1",
                 "--methods", "map,swag,multiswag"]
     base = BASE_PROTOCOL + base
-    study = Study(Path(args.out), base, TINY if args.grid == "tiny" else FACTORS, [int(s) for s in args.seeds.split(",")],
-                  args.state)
+    study = Study(Path(args.out), base, factors, [int(s) for s in args.seeds.split(",")], args.state, candidates)
     stages = ["screen", "confirm", "test", "report"] if args.stage == "all" else [args.stage]
     for stage in stages:
         start = time.perf_counter()

@@ -40,7 +40,17 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
             "--batch-size", "8", "--lora-r", "2", "--members", "1", "--samples", "2", "--methods", "map,swag,multiswag",
             "--dtype", "float32"]
     out, report = tmp_path / "study", tmp_path / "docs" / "protocol-study.md"
-    assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
+    # one more confirmation candidate (as make study-obqa adds the product's defaults); a bad one is refused before
+    # anything runs, naming the flag, the factor and the grid's values
+    wide = {"swag_lr": study_module.TINY["swag_lr"][2][1][0], "scale": study_module.TINY["scale"][2][1][0]}
+    extra = ["--candidate", "wide=" + json.dumps(wide)]
+    for bad, message in (('wide={"lr": "x"}', "unknown factor 'lr'"), ('wide={"scale": "9"}', "scale has no value '9'"),
+                         ("base={}", "a new name other than base and screened"), ("wide=[1", "not JSON")):
+        with pytest.raises(SystemExit) as err:
+            study_module.main(["--out", str(out), "--grid", "tiny", "--candidate", bad, *base])
+        assert err.value.code == 2
+    assert not out.exists()
+    assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *extra, *base]) == 0
     state = json.loads((out / "study.json").read_text())
     runs = state["runs"]
     # screen: every factor's lowest is the value whose row has the lowest validation NLL in its own files; it is
@@ -113,7 +123,10 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     # screen's member count joins the chosen protocol afterwards
     confirm = state["stages"]["confirm"]
     screened = {**screen["best"], "members": "1"}
-    assert set(confirm["mean_validation_nll"]) == ({"base"} if screened == screen["base"] else {"base", "screened"})
+    expected = {"base": screen["base"], **({} if screened == screen["base"] else {"screened": screened})}
+    if {**screen["base"], **wide} not in expected.values():  # the candidate, unless it is one of those
+        expected["wide"] = {**screen["base"], **wide}
+    assert confirm["candidates"] == expected and set(confirm["mean_validation_nll"]) == set(expected)
     for key, record in runs.items():
         if key.startswith("confirm/"):
             assert json.loads((Path(record["train_dir"]) / "config.json").read_text())["posterior"]["members"] == 1
@@ -121,12 +134,23 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     for name, mean in confirm["mean_validation_nll"].items():
         assert mean == pytest.approx(sum(_nll(Path(runs[f"confirm/{name}/seed{s}"]["eval_dir"]), "swag") for s in (0, 1)) / 2)
     assert confirm["chosen"] == min(confirm["mean_validation_nll"], key=confirm["mean_validation_nll"].get)
+    # each candidate's paired difference to the chosen one, pooled over the seeds: the mean of the per-seed differences
+    assert set(confirm["differences"]) == set(expected) - {confirm["chosen"]}
+    for name, diff in confirm["differences"].items():
+        per_seed = [_nll(Path(runs[f"confirm/{name}/seed{s}"]["eval_dir"]), "swag")
+                    - _nll(Path(runs[f"confirm/{confirm['chosen']}/seed{s}"]["eval_dir"]), "swag") for s in (0, 1)]
+        assert diff["value"] == pytest.approx(sum(per_seed) / 2, abs=1e-6) and diff["lo"] <= diff["value"] <= diff["hi"]
+        assert diff["value"] >= 0  # the chosen protocol has the lowest mean
     # test: once per seed, on the test split
     assert all((Path(runs[f"test/seed{s}"]["eval_dir"]) / "eval" / "test" / "swag" / "metrics.json").is_file() for s in (0, 1))
     text = report.read_text()
     for name in study_module.TINY:
         assert f"## {name}" in text and (report.parent / "protocol-study" / f"{name}.png").is_file()
     assert "Test results of the chosen protocol" in text and "Time per stage" in text
+    if "wide" in expected:  # the candidate's values, and every candidate's pooled difference to the chosen one
+        assert f"`wide`: `{json.dumps(wide)}` over the base." in text
+    for name, diff in confirm["differences"].items():
+        assert f"| {name} | {confirm['mean_validation_nll'][name]:.4f} | {diff['value']:+.4f} [{diff['lo']:+.4f}, {diff['hi']:+.4f}]" in text
     # the test stage's pooled report (swaglora report over the seeds): its paired difference of swag to MAP is the
     # mean over seeds of the per-seed NLL differences, and the study's report shows it with its interval
     pooled = json.loads((out / "test-report" / "results.json").read_text())
@@ -146,8 +170,10 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
         assert f"| {stage} | {len(recorded)} | {sum(recorded) / 60:.1f} |" in text
     # resumable: a second call reuses every finished run (nothing is trained or evaluated again)
     stamps = {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()}
-    assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *base]) == 0
+    assert study_module.main(["--out", str(out), "--grid", "tiny", "--seeds", "0,1", "--report", str(report), *extra, *base]) == 0
     assert {k: Path(v["eval_dir"], "results.json").stat().st_mtime_ns for k, v in runs.items()} == stamps
+    again = json.loads((out / "study.json").read_text())["stages"]  # a stage's recorded time is kept, not reset
+    assert all(again[st]["seconds"] >= state["stages"][st]["seconds"] > 0.05 for st in ("screen", "confirm", "test"))
     # carried to another machine: the state file alone (--state, as make study-obqa keeps it in docs/), no runs.
     # The screen and the confirmation need only the recorded metrics: nothing is trained for them; the test stage
     # reads its runs' predictions for the pooled report, so it redoes them, with the same numbers (fp32)
@@ -160,11 +186,12 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
     out.rename(tmp_path / "gone")  # the other machine has none of the runs
     report2 = tmp_path / "docs" / "protocol-study-other.md"
     assert study_module.main(["--out", str(out2), "--state", str(carried), "--grid", "tiny", "--seeds", "0,1",
-                              "--report", str(report2), *base]) == 0
+                              "--report", str(report2), *extra, *base]) == 0
     moved = json.loads(carried.read_text())
-    for stage, before in (("screen", screen), ("confirm", confirm)):  # the same choices (the stage clocks restart)
+    for stage, before in (("screen", screen), ("confirm", confirm)):  # the same choices; the recorded time is kept
         assert {k: v for k, v in moved["stages"][stage].items() if k != "seconds"} == {
             k: v for k, v in before.items() if k != "seconds"}
+        assert moved["stages"][stage]["seconds"] >= before["seconds"]
     assert {k: v for k, v in moved["runs"].items() if not k.startswith("test/")} == {
         k: v for k, v in runs.items() if not k.startswith("test/")}
     trained = sorted(p.name for p in (out2 / "runs").iterdir())
