@@ -39,11 +39,13 @@ study: $(STAMP)
 	$(PY) scripts/protocol_study.py --out runs/study
 
 # The same study on OBQA: 2,000 of its 4,957 training questions, its full validation (500) and test (500) splits.
+# The confirmation also tries the product's defaults (ARC-Easy's choice), and those with the paper's SWAG lr (lr/10).
 study-obqa: $(STAMP)
 	$(PY) scripts/protocol_study.py --out runs/study-obqa --report docs/protocol-study-obqa.md \
 		--state docs/protocol-study-obqa/study.json --task obqa \
 		--train-limit 2000 --val-limit 0 --eval-limit 0 --members 1 --methods map,swag,multiswag \
-		--candidate 'defaults={"placement": "all, q_proj+v_proj", "samples": "S=15"}'
+		--candidate 'defaults={"placement": "all, q_proj+v_proj", "samples": "S=15"}' \
+		--candidate 'defaults-lr10={"placement": "all, q_proj+v_proj", "samples": "S=15", "swag_lr": "lr/10"}'
 
 clean:
 	rm -rf runs build *.egg-info
