@@ -275,13 +275,13 @@ class Study:
             means[name] = sum(_score(r, "swag") for r in records[name]) / len(self.seeds)
         chosen = min(means, key=means.get)
         choice = {**candidates[chosen], **({members: stage["best"][members]} if members else {})}
-        diffs = _pooled_differences(records, "swag", chosen)
+        diffs, vs_map = _pooled_differences(records, "swag", chosen), _swag_minus_map(records)
         before = self.state["stages"].get("confirm") or {}
         if diffs is None and before.get("candidates") == candidates:  # carried elsewhere: keep what the files gave
-            diffs = before.get("differences")
+            diffs, vs_map = before.get("differences"), before.get("swag_minus_map")
         self.state["stages"]["confirm"] = {"seconds": self._stage_seconds("confirm", start), "mean_validation_nll": means,
                                            "chosen": chosen, "choice": choice, "candidates": candidates,
-                                           "differences": diffs}
+                                           "differences": diffs, "swag_minus_map": vs_map}
         self._save()
         return choice
 
@@ -365,6 +365,25 @@ def _pooled_differences(records: dict[str, list[dict]], row: str, reference: str
         boot = paired_bootstrap({name: [joined(runs)] for name, runs in loaded.items()},
                                 torch.cat([v[2] for v in loaded[reference]]), reference=reference)
     return {name: boot[name]["nll_diff"] for name in records if name != reference}
+
+
+def _swag_minus_map(records: dict[str, list[dict]]) -> dict[str, dict] | None:
+    """Does SWAG beat the MAP adapter it is built around? For each protocol, ``swag`` minus ``map`` on validation,
+    pooled over its seeds, for every bootstrap metric (accuracy, ECE, NLL, Brier, AURC), with paired 95% intervals
+    (metrics.paired_bootstrap: the same resampled questions for both rows and every seed); ``None`` when a run's
+    predictions are not on this machine. Protocols whose seeds have different validation questions are left out."""
+    from swaglora.metrics import BOOTSTRAP_METRICS, paired_bootstrap
+
+    if not all((Path(r["eval_dir"]) / "results.json").is_file() for runs in records.values() for r in runs):
+        return None
+    out = {}
+    for name, runs in records.items():
+        swag, map_ = [_validation_predictive(r, "swag") for r in runs], [_validation_predictive(r, "map") for r in runs]
+        if any(v[0] != swag[0][0] for v in swag + map_):
+            continue
+        boot = paired_bootstrap({"map": [v[1] for v in map_], "swag": [v[1] for v in swag]}, swag[0][2], reference="map")
+        out[name] = {m: boot["swag"][f"{m}_diff"] for m in BOOTSTRAP_METRICS}
+    return out
 
 
 def _differences(records: dict[str, dict], row: str, reference: str) -> dict[str, dict]:
@@ -467,6 +486,16 @@ def write_report(study: Study, path: Path) -> Path:
                   for k, v in confirm["mean_validation_nll"].items()]
         lines += ["", "(paired bootstrap over the validation questions, the same resamples for every protocol and seed; "
                   "* the interval excludes 0)"] if diffs else []
+        vs_map = confirm.get("swag_minus_map") or {}
+        if vs_map:
+            names = ("accuracy", "ece", "nll", "brier", "aurc")
+            lines += ["", "Does SWAG beat its own MAP? `swag` − `map` on validation, pooled over the seeds, with paired 95% "
+                      "intervals (* excludes 0; lower is better except for ACC):", "",
+                      "| protocol | " + " | ".join(f"Δ {m.upper() if m != 'accuracy' else 'ACC'}" for m in names) + " |",
+                      "|---|" + "---|" * len(names)]
+            lines += [f"| {k} | " + " | ".join(f"{d[m]['value']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
+                                               f"{'*' if d[m]['significant'] else ''}" for m in names) + " |"
+                      for k, d in vs_map.items()]
         lines += ["", f"Chosen: **{confirm['chosen']}**: `{json.dumps(confirm['choice'])}`", ""]
         if confirm.get("note"):  # e.g. a confirmation whose records were restored by hand from an earlier report
             lines += [f"Note: {confirm['note']}", ""]

@@ -141,6 +141,15 @@ def test_protocol_study_chooses_on_validation_and_reports(tmp_path, tiny_model_d
                     - _nll(Path(runs[f"confirm/{confirm['chosen']}/seed{s}"]["eval_dir"]), "swag") for s in (0, 1)]
         assert diff["value"] == pytest.approx(sum(per_seed) / 2, abs=1e-6) and diff["lo"] <= diff["value"] <= diff["hi"]
         assert diff["value"] >= 0  # the chosen protocol has the lowest mean
+    # swag against its own MAP, per protocol, pooled over the seeds (the tiny data's seeded validation splits differ
+    # between seeds, so only protocols whose seeds share questions could be pooled: none here), and on one seed by
+    # hand: the same function on a single-seed record is the plain NLL difference
+    assert confirm["swag_minus_map"] == {}
+    one = {"p": [runs["confirm/base/seed0"]]}
+    d = study_module._swag_minus_map(one)["p"]
+    base_dir = Path(runs["confirm/base/seed0"]["eval_dir"])
+    assert d["nll"]["value"] == pytest.approx(_nll(base_dir, "swag") - _nll(base_dir, "map"), abs=1e-6)
+    assert set(d) == {"accuracy", "ece", "nll", "brier", "aurc"} and all(v["lo"] <= v["value"] <= v["hi"] for v in d.values())
     # test: once per seed, on the test split
     assert all((Path(runs[f"test/seed{s}"]["eval_dir"]) / "eval" / "test" / "swag" / "metrics.json").is_file() for s in (0, 1))
     text = report.read_text()
@@ -258,6 +267,55 @@ def test_screen_differences_are_paired_and_adopt_only_clear_gains(tmp_path, stud
     other = _write_row(tmp_path / "other", "swag", probs(base_p)[1:], answers[1:])
     with pytest.raises(SystemExit, match="not on the same validation questions"):
         study_module._differences({"base": records["base"], "other": other}, "swag", "base")
+
+
+def test_confirmation_differences_pool_seeds_by_hand(tmp_path, study_module):
+    """The confirmation's pooled differences on hand-made predictions, two seeds: with one validation split (OBQA's,
+    ARC-Easy's) the value is the mean over seeds of each seed's mean -log p(answer) difference; with a seeded split
+    per seed (different questions) the units are (seed, question) pairs; ``swag`` - ``map`` the same within a
+    protocol. Every interval holds its value; a clear gain on every question is significant."""
+    import math
+    n = 120
+    answers = [i % 3 for i in range(n)]
+    p_map = [0.3 + 0.4 * ((7 * i) % 11) / 11 for i in range(n)]
+
+    def probs(p_answer: list[float]) -> list[list[float]]:
+        out = []
+        for pa, a in zip(p_answer, answers):
+            row = [(1 - pa) / 3] * 4
+            row[a] = pa
+            out.append(row)
+        return out
+
+    def run(name: str, rows: dict[str, list[float]], ids_from: int = 0) -> dict:
+        eval_dir = tmp_path / name
+        for row, pa in rows.items():
+            record = _write_row(eval_dir, row, probs(pa), answers)
+            path = eval_dir / "eval" / "validation" / row / "predictions.jsonl"
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            path.write_text("".join(json.dumps({**r, "id": f"q{i + ids_from}"}) + "\n" for i, r in enumerate(lines)))
+        (eval_dir / "results.json").write_text("{}")
+        return record
+
+    up = {0: [min(p + 0.1, 0.95) for p in p_map], 1: [min(p + 0.05, 0.95) for p in p_map]}  # swag per seed
+    records = {"a": [run("a0", {"map": p_map, "swag": p_map}), run("a1", {"map": p_map, "swag": p_map})],
+               "b": [run("b0", {"map": p_map, "swag": up[0]}), run("b1", {"map": p_map, "swag": up[1]})]}
+    nll_gain = {s: sum(math.log(p) - math.log(q) for p, q in zip(p_map, up[s])) / n for s in (0, 1)}
+    diffs = study_module._pooled_differences(records, "swag", "a")
+    assert set(diffs) == {"b"} and diffs["b"]["value"] == pytest.approx((nll_gain[0] + nll_gain[1]) / 2, abs=1e-9)
+    assert diffs["b"]["lo"] <= diffs["b"]["value"] <= diffs["b"]["hi"] < 0 and diffs["b"]["significant"]
+    vs_map = study_module._swag_minus_map(records)
+    assert vs_map["a"]["nll"]["value"] == 0 and not vs_map["a"]["nll"]["significant"]
+    assert vs_map["b"]["nll"] == pytest.approx(diffs["b"])  # a's swag is its map: the same comparison
+    # a seeded validation split per seed: seed 1 asks other questions (other ids); pooled over the 2n pairs
+    other = {"a": [records["a"][0], run("a1x", {"map": p_map, "swag": p_map}, ids_from=n)],
+             "b": [records["b"][0], run("b1x", {"map": p_map, "swag": up[1]}, ids_from=n)]}
+    pooled = study_module._pooled_differences(other, "swag", "a")
+    assert pooled["b"]["value"] == pytest.approx((nll_gain[0] + nll_gain[1]) / 2, abs=1e-9)
+    assert study_module._swag_minus_map(other) == {}  # each protocol's seeds ask different questions: left out
+    # a run whose files are not on this machine: no differences (the choice needs only the recorded metrics)
+    (tmp_path / "b1" / "results.json").unlink()
+    assert study_module._pooled_differences(records, "swag", "a") is None and study_module._swag_minus_map(records) is None
 
 
 def test_defaults_are_the_studys_choice_and_the_demo_is_its_base(study_module):
