@@ -491,7 +491,7 @@ def write_report(study: Study, path: Path) -> Path:
             names = ("accuracy", "ece", "nll", "brier", "aurc")
             lines += ["", "Does SWAG beat its own MAP? `swag` − `map` on validation, pooled over the seeds, with paired 95% "
                       "intervals (* excludes 0; lower is better except for ACC):", "",
-                      "| protocol | " + " | ".join(f"Δ {m.upper() if m != 'accuracy' else 'ACC'}" for m in names) + " |",
+                      "| protocol | " + " | ".join(f"Δ {dict(accuracy='ACC', brier='Brier').get(m, m.upper())}" for m in names) + " |",
                       "|---|" + "---|" * len(names)]
             lines += [f"| {k} | " + " | ".join(f"{d[m]['value']:+.4f} [{d[m]['lo']:+.4f}, {d[m]['hi']:+.4f}]"
                                                f"{'*' if d[m]['significant'] else ''}" for m in names) + " |"
