@@ -17,8 +17,9 @@ Stages (each skips the runs that are already done, so an interrupted study conti
 2. ``confirm``: the base protocol, the protocol made of the adopted values and any ``--candidate`` (e.g. the
    product's defaults, chosen by the study of another task), with ``--seeds`` (3 by default), one member each (the
    score, ``swag``, is member 0's), again on validation only; the adopted member count joins the chosen protocol
-   afterwards. Each candidate's paired difference to the chosen one, pooled over the seeds, is recorded with its
-   interval.
+   afterwards. Each candidate's paired difference to the chosen one and ``swag`` − ``map`` within each candidate,
+   pooled over the seeds, are recorded with their intervals. A candidate equal to the base or the screened protocol
+   is not run twice.
 3. ``test``: the chosen protocol (the lowest mean validation NLL over seeds), evaluated once on the full test and
    shift splits.
 4. ``report``: ``docs/protocol-study.md`` (one table and one plot per factor, the stage times, the choice, the test
@@ -339,9 +340,9 @@ def _pooled_differences(records: dict[str, list[dict]], row: str, reference: str
     over seeds of the per-seed difference), with a 95% interval by bootstrap over the validation questions, paired
     (the same resamples for every protocol and seed; where each seed has its own seeded validation split, over the
     (seed, question) pairs, whose mean is the mean over seeds for splits of equal size):
-    {protocol: {value, lo, hi, significant}}. ``records``: each
-    protocol's runs, one per seed, in the same seed order. ``None`` when a run's predictions are not on this machine
-    (a confirmation resumed from a carried state file needs only the recorded metrics to choose)."""
+    {protocol: {value, lo, hi, significant}}. ``records``: each protocol's runs, one per seed, in the same seed
+    order. ``None`` when a run's predictions are not on this machine (a confirmation resumed from a carried state
+    file needs only the recorded metrics to choose)."""
     from swaglora.metrics import paired_bootstrap
 
     if not all((Path(r["eval_dir"]) / "results.json").is_file() for runs in records.values() for r in runs):
