@@ -336,17 +336,22 @@ def _validation_predictive(record: dict, row: str):
 
 
 def _pooled_differences(records: dict[str, list[dict]], row: str, reference: str) -> dict[str, dict] | None:
+    """Each protocol's validation NLL of ``row`` minus the ``reference`` protocol's, pooled over the seeds
+    (``_paired_differences``); ``None`` when a run's predictions are not on this machine (a confirmation resumed from
+    a carried state file needs only the recorded metrics to choose)."""
+    if not all((Path(r["eval_dir"]) / "results.json").is_file() for runs in records.values() for r in runs):
+        return None
+    return _paired_differences(records, row, reference)
+
+
+def _paired_differences(records: dict[str, list[dict]], row: str, reference: str) -> dict[str, dict]:
     """Each protocol's validation NLL of ``row`` minus the ``reference`` protocol's, pooled over the seeds (the mean
     over seeds of the per-seed difference), with a 95% interval by bootstrap over the validation questions, paired
     (the same resamples for every protocol and seed; where each seed has its own seeded validation split, over the
     (seed, question) pairs, whose mean is the mean over seeds for splits of equal size):
     {protocol: {value, lo, hi, significant}}. ``records``: each protocol's runs, one per seed, in the same seed
-    order. ``None`` when a run's predictions are not on this machine (a confirmation resumed from a carried state
-    file needs only the recorded metrics to choose)."""
+    order."""
     from swaglora.metrics import paired_bootstrap
-
-    if not all((Path(r["eval_dir"]) / "results.json").is_file() for runs in records.values() for r in runs):
-        return None
     import torch
 
     loaded = {name: [_validation_predictive(r, row) for r in runs] for name, runs in records.items()}
@@ -388,16 +393,10 @@ def _swag_minus_map(records: dict[str, list[dict]]) -> dict[str, dict] | None:
 
 
 def _differences(records: dict[str, dict], row: str, reference: str) -> dict[str, dict]:
-    """Each value's validation NLL minus the ``reference`` value's, with a 95% interval by bootstrap over the
-    validation questions, paired (the same resamples for every value): {label: {value, lo, hi, significant}}."""
-    from swaglora.metrics import paired_bootstrap
-
-    loaded = {label: _validation_predictive(r, row) for label, r in records.items()}
-    ids, _, labels = loaded[reference]
-    if any(v[0] != ids for v in loaded.values()):
-        raise SystemExit(f"the {row} rows of {sorted(records)} are not on the same validation questions")
-    boot = paired_bootstrap({label: [v[1]] for label, v in loaded.items()}, labels, reference=reference)
-    return {label: boot[label]["nll_diff"] for label in records if label != reference}
+    """The screen's one-seed case of ``_paired_differences``: each value's validation NLL minus the ``reference``
+    value's, with a 95% interval by paired bootstrap over the validation questions: {label: {value, lo, hi,
+    significant}}."""
+    return _paired_differences({label: [r] for label, r in records.items()}, row, reference)
 
 
 def _slug(flags: list[str]) -> str:
