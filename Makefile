@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.swaglora-installed
 
-.PHONY: demo test test-bf16 bench study study-obqa install clean
+.PHONY: demo test test-bf16 bench study study-obqa methods-arce install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ study-obqa: $(STAMP)
 		--train-limit 2000 --val-limit 0 --eval-limit 0 --members 1 --methods map,swag,multiswag \
 		--candidate 'defaults={"placement": "all, q_proj+v_proj", "samples": "S=15"}' \
 		--candidate 'defaults-lr10={"placement": "all, q_proj+v_proj", "samples": "S=15", "swag_lr": "lr/10"}'
+
+# Every method under the defaults on ARC-Easy (full splits; shift sets ARC-Challenge and OBQA), one run per seed,
+# then the report pooled over every seed directory there is, the README's tables and the paired comparisons.
+# Resumable: rerun to continue. `make methods-arce SEEDS=1` runs one seed (about 3.3 h on a 2-core AMX machine).
+SEEDS ?= 0,1,2
+METHODS_ARCE = zero-shot,map,map-matched,swa,swag,multiswag,ensemble,ensemble-matched,laplace
+PAIRS_ARCE = swag:map-matched,multiswag:ensemble-matched,multiswag:ensemble,multiswag:map+ts,multiswag:laplace,laplace+ts:map+ts
+methods-arce: $(STAMP)
+	$(PY) -m swaglora run --seeds $(SEEDS) --out runs/defaults-arce --calibrate temperature --abstain-risk 0.5 \
+		--methods $(METHODS_ARCE)
+	$(PY) -m swaglora report runs/defaults-arce/seed-* --abstain-risk 0.5 --out docs/defaults-arce
+	$(PY) scripts/pairs_table.py runs/defaults-arce/seed-* --pairs $(PAIRS_ARCE) > docs/defaults-arce/pairs.md.new
+	mv docs/defaults-arce/pairs.md.new docs/defaults-arce/pairs.md
 
 clean:
 	rm -rf runs build *.egg-info
