@@ -538,3 +538,36 @@ def test_saved_posterior_keeps_the_rows_and_the_prior_mean(tmp_path):
     assert loaded.log_evidence(1.5) == pytest.approx(post.log_evidence(1.5), rel=1e-12)
     a, b = post.sample(torch.Generator().manual_seed(1)), loaded.sample(torch.Generator().manual_seed(1))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+class RecordingBar:
+    """The two calls PassBar makes on a tqdm bar, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def reset(self, total=None):
+        self.calls.append(("reset", total))
+
+    def update(self, n=1):
+        self.calls.append(("update", n))
+
+
+def test_a_fit_through_the_progress_list_is_the_same_fit_and_counts_each_pass():
+    from swaglora.members import PassBar
+
+    model = mlp()
+    x, y = data(12)
+    plain = fitted(model, x, y, 5)
+    bar = RecordingBar()
+    post = Laplace(model, dtype="float64")
+    batches = batched(x, y, 5)
+    post.fit(model, PassBar(batches, bar), loss_fn)
+    for w, _ in plain.layout["kron"]:  # the wrapper changes nothing in the fit
+        for f1, f2 in zip(factors(plain, w), factors(post, w)):
+            torch.testing.assert_close(f1, f2, rtol=0, atol=0)
+    assert bar.calls == [("reset", 3)] + [("update", 1)] * 3  # 12 examples in batches of 5: one pass of 3
+    again = PassBar(batches, bar)
+    for _ in range(2):  # each pass yields the same batches and restarts the bar
+        assert all(a is b for a, b in zip(again, batches, strict=True))
+    assert bar.calls[4:] == ([("reset", 3)] + [("update", 1)] * 3) * 2
