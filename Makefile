@@ -48,7 +48,7 @@ study-obqa: $(STAMP)
 		--candidate 'defaults-lr10={"placement": "all, q_proj+v_proj", "samples": "S=15", "swag_lr": "lr/10"}'
 
 # Every method under the defaults on ARC-Easy (full splits; shift sets ARC-Challenge and OBQA), one run per seed,
-# then the report pooled over every seed directory there is, the README's tables and the paired comparisons.
+# then the report pooled over every seed directory there is (docs/defaults-arce) and the pair table (pairs.md).
 # Resumable: rerun to continue. `make methods-arce SEEDS=1` runs one seed (about 3.3 h on a 2-core AMX machine).
 SEEDS ?= 0,1,2
 METHODS_ARCE = zero-shot,map,map-matched,swa,swag,multiswag,ensemble,ensemble-matched,laplace
@@ -57,7 +57,9 @@ methods-arce: $(STAMP)
 	$(PY) -m swaglora run --seeds $(SEEDS) --out runs/defaults-arce --calibrate temperature --abstain-risk 0.5 \
 		--methods $(METHODS_ARCE)
 	$(PY) -m swaglora report runs/defaults-arce/seed-* --abstain-risk 0.5 --out docs/defaults-arce
-	$(PY) scripts/pairs_table.py runs/defaults-arce/seed-* --pairs $(PAIRS_ARCE) > docs/defaults-arce/pairs.md.new
+	{ printf '# Paired differences between chosen rows (ARC-Easy defaults, seeds in runs/defaults-arce)\n\n'; \
+	  printf 'Command: `make methods-arce SEEDS=$(SEEDS)` (scripts/pairs_table.py). a - b with its 95%% paired bootstrap interval pooled over the seeds; * where it excludes 0.\n\n'; \
+	  $(PY) scripts/pairs_table.py runs/defaults-arce/seed-* --pairs $(PAIRS_ARCE); } > docs/defaults-arce/pairs.md.new
 	mv docs/defaults-arce/pairs.md.new docs/defaults-arce/pairs.md
 
 clean:
