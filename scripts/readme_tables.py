@@ -2,12 +2,20 @@
 
     python scripts/readme_tables.py runs/arce-full/report/results.json [--methods map,swag,...]
 
-Prints three Markdown tables: the in-distribution test set (ACC, ECE, NLL, Brier, AURC as mean ± std over seeds,
+With one results.json, prints three Markdown tables: the in-distribution test set (ACC, ECE, NLL, Brier, AURC as mean ± std over seeds,
 and the paired differences to MAP with their 95% bootstrap intervals, pooled over seeds: ``*`` where the interval
 excludes 0), the shift sets (ACC, NLL, Δ NLL) and OOD detection (AUROC by entropy and by MI per shift set, each
 with its paired difference to MAP's entropy AUROC). Every number is copied from results.json, rounded to 3 decimals; the
 best mean of a column (lowest, or highest for ACC and AUROC) is bold. Rows: every method of the report, or
 ``--methods``.
+
+    python scripts/readme_tables.py docs/defaults-arce/results.json docs/defaults-arce/seed-1/results.json \
+        --labels "seed 0,seed 1" [--methods ...]
+
+With several results.json (e.g. one report per seed, where the seeds' predictions cannot be pooled), prints the
+paired differences to MAP side by side, one column per file under each metric: the in-distribution test set (Δ ACC,
+ECE, NLL, Brier, AURC), then each shift set's Δ NLL and Δ entropy AUROC. The files must have the same test and shift
+sets and the same reference row.
 """
 
 from __future__ import annotations
@@ -125,13 +133,60 @@ def tables(results: dict, methods: list[str] | None = None) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def _layout(results: dict) -> tuple[str, list[str], str]:
+    test = results["reference_test_set"]
+    shifts = [s for s in results["eval_sets"] if results["sets"][s]["role"] == "shift"]
+    block = next((b for b in results.get("intervals") or [] if b["eval_set"] == test), None)
+    return test, shifts, (block["reference"] if block and block["reference"] else "map")
+
+
+def side_by_side(files: list[dict], labels: list[str], methods: list[str] | None = None) -> str:
+    """Δ to the reference row of each results dict, one column per dict under each metric (two tables)."""
+    if len(labels) != len(files):
+        raise ValueError(f"{len(labels)} labels for {len(files)} results files")
+    test, shifts, ref = _layout(files[0])
+    for label, r in zip(labels, files):
+        if _layout(r) != (test, shifts, ref):
+            raise ValueError(f"{label}: test set, shift sets or reference differ from {labels[0]}'s "
+                             f"({_layout(r)} vs {(test, shifts, ref)})")
+    methods = [m for m in (methods or files[0]["methods"]) if any(m in r["metrics"] for r in files)]
+    diffs = [{s: _diffs(r, s) for s in [test, *shifts]} for r in files]
+    ood = [{b["eval_set"]: {(d["method"], d["score"]): d for d in b["rows"]} for b in r.get("ood_intervals") or []}
+           for r in files]
+    keys = ("accuracy", "ece", "nll", "brier", "aurc")
+    header = ["method"] + [f"Δ {LABEL[k]} {lab}" for k in keys for lab in labels]
+    rows = [[m] + [_diff(d[test].get(m, {}).get(f"{k}_diff")) or "—" for k in keys for d in diffs] for m in methods]
+    out = [f"{test} test (Δ = method − {ref}; one column per {', '.join(labels)}):\n\n" + _table(header, rows)]
+    if shifts:
+        header = ["method"] + [f"{s} Δ NLL {lab}" for s in shifts for lab in labels] \
+            + [f"{s} Δ AUROC (entropy) {lab}" for s in shifts for lab in labels]
+        rows = []
+        for m in methods:
+            row = [m] + [_diff(d[s].get(m, {}).get("nll_diff")) or "—" for s in shifts for d in diffs]
+            row += [_diff(o.get(s, {}).get((m, "entropy"), {}).get("auroc_diff")) or "—" for s in shifts for o in ood]
+            rows.append(row)
+        out.append(f"Shift sets (Δ NLL and Δ entropy AUROC against {test} test, to {ref}):\n\n" + _table(header, rows))
+    return "\n\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="results.json of swaglora report")
+    parser.add_argument("results", type=Path, nargs="+", help="results.json of swaglora report (several: side by side)")
     parser.add_argument("--methods", default="", help="comma-separated rows, in this order (default: all)")
+    parser.add_argument("--labels", default="", help="column label per results file when several (default: the "
+                                                     "file's seeds, e.g. 'seed 0')")
     args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
-    print(tables(results, [m for m in args.methods.split(",") if m] or None), end="")
+    files = [json.loads(p.read_text()) for p in args.results]
+    methods = [m for m in args.methods.split(",") if m] or None
+    if len(files) == 1:
+        print(tables(files[0], methods), end="")
+        return 0
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else [
+        "seed " + ",".join(map(str, r.get("seeds") or [])) for r in files]
+    try:
+        print(side_by_side(files, labels, methods), end="")
+    except ValueError as err:
+        parser.error(str(err))
     return 0
 
 

@@ -586,6 +586,41 @@ def test_readme_tables_copy_the_report_numbers(built):
     assert ood["map"][2] == "—" and ood["map"][4] == "—"  # MAP is the reference, and has no MI
 
 
+def test_readme_tables_side_by_side_per_seed(built, tmp_path, capsys):
+    """scripts/readme_tables.py with one results.json per seed: each column is that seed's own paired Δ to MAP
+    (value, interval, star), in the order given; files whose reference row differs are refused."""
+    runs, _, _, _ = built
+    module = _readme_tables()
+    one = [R.collect_results([run]) for run in runs]
+    tables = parse_tables(module.side_by_side(one, ["s0", "s1"], ["map", "swag"]))
+    header, rows = tables[0]
+    assert header[1:3] == ["Δ ACC s0", "Δ ACC s1"] and header[5:7] == ["Δ NLL s0", "Δ NLL s1"]
+    by_method = {r[0]: r for r in rows}
+    assert by_method["map"][5] == "—"
+    for col, res in zip((5, 6), one):
+        block = next(b for b in res["intervals"] if b["eval_set"] == "arc_easy")
+        d = next(x for x in block["methods"] if x["method"] == "swag")["nll_diff"]
+        star = " *" if d["significant"] else ""
+        assert by_method["swag"][col] == f"{d['value']:+.3f} [{d['lo']:.3f}, {d['hi']:.3f}]{star}".replace("-", "−")
+    assert by_method["swag"][5] != by_method["swag"][6]  # two seeds, two different differences
+    header, rows = tables[1]
+    assert header[1:] == ["arc_challenge Δ NLL s0", "arc_challenge Δ NLL s1", "mmlu:stem Δ NLL s0", "mmlu:stem Δ NLL s1",
+                          "arc_challenge Δ AUROC (entropy) s0", "arc_challenge Δ AUROC (entropy) s1",
+                          "mmlu:stem Δ AUROC (entropy) s0", "mmlu:stem Δ AUROC (entropy) s1"]
+    d = next(x for b in one[1]["ood_intervals"] if b["eval_set"] == "mmlu:stem" for x in b["rows"]
+             if (x["method"], x["score"]) == ("swag", "entropy"))["auroc_diff"]
+    assert rows[1][8].startswith(f"{d['value']:+.3f} [".replace("-", "−"))
+    with pytest.raises(ValueError, match="reference differ"):
+        module.side_by_side([one[0], R.collect_results([runs[1]], reference="swag")], ["s0", "s1"])
+    # the command line: default labels are the files' seeds
+    paths = []
+    for i, res in enumerate(one):
+        R.write_report(res, tmp_path / f"r{i}", abstain_risk=RISK)
+        paths.append(tmp_path / f"r{i}" / "results.json")
+    assert module.main([*map(str, paths), "--methods", "map,swag"]) == 0
+    assert "Δ NLL seed 0 | Δ NLL seed 1" in capsys.readouterr().out
+
+
 def test_report_reference_takes_every_paired_difference_to_another_row(built, tmp_path, capsys):
     """``swaglora report --reference swag``: every Δ (test and shift intervals, OOD AUROC) is to swag, on the same
     resamples as the default report (so Δ(m, swag) = Δ(m, map) − Δ(swag, map) on every resample: the point values
