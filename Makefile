@@ -48,8 +48,9 @@ study-obqa: $(STAMP)
 		--candidate 'defaults-lr10={"placement": "all, q_proj+v_proj", "samples": "S=15", "swag_lr": "lr/10"}'
 
 # Every method under the defaults on ARC-Easy (full splits; shift sets ARC-Challenge and OBQA), one run per seed,
-# then the report pooled over every seed directory there is (docs/defaults-arce) and the pair table (pairs.md).
-# Resumable: rerun to continue. `make methods-arce SEEDS=1` runs one seed (about 3.3 h on a 2-core AMX machine).
+# then the report pooled over every seed directory there is (docs/defaults-arce; each seed alone: docs/defaults-arce/seed-N)
+# and the pair table (pairs.md).
+# Resumable: rerun to continue. `make methods-arce SEEDS=1` runs one seed (about 4.7 h on a 2-core AMX machine).
 SEEDS ?= 0,1,2
 METHODS_ARCE = zero-shot,map,map-matched,swa,swag,multiswag,ensemble,ensemble-matched,laplace
 PAIRS_ARCE = swag:map-matched,multiswag:ensemble-matched,multiswag:ensemble,multiswag:map+ts,multiswag:laplace,laplace+ts:map+ts

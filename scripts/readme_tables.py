@@ -9,7 +9,7 @@ with its paired difference to MAP's entropy AUROC). Every number is copied from 
 best mean of a column (lowest, or highest for ACC and AUROC) is bold. Rows: every method of the report, or
 ``--methods``.
 
-    python scripts/readme_tables.py docs/defaults-arce/results.json docs/defaults-arce/seed-1/results.json \
+    python scripts/readme_tables.py docs/defaults-arce/seed-0/results.json docs/defaults-arce/seed-1/results.json \
         --labels "seed 0,seed 1" [--methods ...]
 
 With several results.json (e.g. one report per seed, where the seeds' predictions cannot be pooled), prints the
