@@ -701,3 +701,56 @@ def test_pairs_table_script_takes_each_difference_from_the_report_with_that_refe
     assert rows[0][header.index("arc_challenge Δ AUROC (entropy)")].startswith(f"{f['value']:+.3f}".replace("-", "−"))
     assert module.main([*map(str, runs), "--pairs", "swag:map"]) == 0
     assert capsys.readouterr().out.splitlines()[2].startswith("| swag − map | ")
+
+
+def _compare_runs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_preds(run: Path, rows: list[tuple[str, str, list[float]]]) -> Path:
+    d = run / "eval" / "validation" / "swag"
+    d.mkdir(parents=True)
+    (d / "predictions.jsonl").write_text("".join(json.dumps({
+        "id": q, "question": "q", "labels": ["A", "B"], "answer": ans, "prediction": "A" if p[0] >= p[1] else "B",
+        "probs": p, "confidence": max(p), "correct": float(("A" if p[0] >= p[1] else "B") == ans),
+        "total_entropy": 0.0, "expected_entropy": 0.0, "mutual_information": 0.0}) + "\n" for q, ans, p in rows))
+    return run
+
+
+def test_compare_runs_script_by_hand(tmp_path, capsys):
+    """scripts/compare_runs.py: B's file lists the questions in another order; aligned by id, the probability of
+    the answer is A (0.5, 0.8, 0.6), B (0.8, 0.5, 0.9): Δ NLL = mean(−ln .8 + ln .5, −ln .5 + ln .8, −ln .9 + ln .6)
+    by hand, and each resample's Δ NLL is the count-weighted mean of the per-question differences."""
+    module = _compare_runs()
+    a = _write_preds(tmp_path / "a", [("q1", "A", [0.5, 0.5]), ("q2", "B", [0.2, 0.8]), ("q3", "A", [0.6, 0.4])])
+    b = _write_preds(tmp_path / "b", [("q3", "A", [0.9, 0.1]), ("q1", "A", [0.8, 0.2]), ("q2", "B", [0.5, 0.5])])
+    res = module.compare([a], [b], "validation", "swag", ("a", "b"), n_boot=1000)
+    per_q = np.array([-math.log(0.8) + math.log(0.5), -math.log(0.5) + math.log(0.8), -math.log(0.9) + math.log(0.6)])
+    d = res["b"]["nll_diff"]
+    assert d["value"] == pytest.approx(per_q.mean(), abs=1e-12)
+    assert res["a"]["nll"]["value"] == pytest.approx(-(math.log(0.5) + math.log(0.8) + math.log(0.6)) / 3, abs=1e-12)
+    counts = M.bootstrap_counts(3, 1000, 0).numpy()
+    boot = counts @ per_q / 3
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    assert (d["lo"], d["hi"]) == (pytest.approx(lo, abs=1e-9), pytest.approx(hi, abs=1e-9))
+    # accuracy: A predicts A on q1 (tie → A, right), B on q2 (right), A on q3 (right): 1; B: right, B on q2 tie →
+    # A (wrong), right: 2/3
+    assert res["a"]["accuracy"]["value"] == pytest.approx(1.0) and res["b"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    assert module.main(["--a", str(a), "--b", str(b), "--row", "swag", "--labels", "lr,lr/10"]) == 0
+    out = capsys.readouterr().out
+    assert "| NLL |" in out and f"{per_q.mean():+.4f}".replace("-", "−") in out
+    # other questions or another answer: refused, naming the file
+    c = _write_preds(tmp_path / "c", [("q1", "A", [0.5, 0.5]), ("q2", "B", [0.2, 0.8])])
+    with pytest.raises(ValueError, match="other questions"):
+        module.compare([a], [c], "validation", "swag")
+    e = _write_preds(tmp_path / "e", [("q1", "B", [0.5, 0.5]), ("q2", "B", [0.2, 0.8]), ("q3", "A", [0.6, 0.4])])
+    with pytest.raises(ValueError, match="another answer"):
+        module.compare([a], [e], "validation", "swag")
+    with pytest.raises(SystemExit):
+        module.main(["--a", str(a), "--b", str(tmp_path / "missing"), "--row", "swag"])
+    assert "no such file" in capsys.readouterr().err
