@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.swaglora-installed
 
-.PHONY: demo test test-bf16 bench study study-obqa methods-arce install clean
+.PHONY: demo test test-bf16 bench study study-obqa methods-arce swag-lr-arce install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,22 @@ methods-arce: $(STAMP)
 	  printf 'Command: `make methods-arce SEEDS=$(SEEDS)` (scripts/pairs_table.py). a - b with its 95%% paired bootstrap interval pooled over the seeds; * where it excludes 0.\n\n'; \
 	  $(PY) scripts/pairs_table.py runs/defaults-arce/seed-* --pairs $(PAIRS_ARCE); } > docs/defaults-arce/pairs.md.new
 	mv docs/defaults-arce/pairs.md.new docs/defaults-arce/pairs.md
+
+# The SWAG phase's lr at the defaults' placement on ARC-Easy, which the screen varied only around the top-2 base:
+# the defaults (lr) against lr/10, one member each, seeds 0-2, validation only; then swag's paired difference
+# pooled over the seeds, and each posterior's spread (scripts/swag_spread.py). Written up in docs/protocol-study-lr.md.
+# Resumable (about 25 min per run on a 2-core AMX machine).
+LR_SEEDS = 0 1 2
+swag-lr-arce: $(STAMP)
+	for s in $(LR_SEEDS); do \
+	  $(PY) -m swaglora run --seeds $$s --out runs/arce-lr1 --members 1 --methods map,swag --validation-only || exit 1; \
+	  $(PY) -m swaglora run --seeds $$s --out runs/arce-lr10 --swag-lr 0.0001 --members 1 --methods map,swag \
+	    --validation-only || exit 1; \
+	done
+	$(PY) scripts/compare_runs.py --row swag --labels "swag lr,swag lr/10" \
+	  --a $$(for s in $(LR_SEEDS); do printf 'runs/arce-lr1/seed-%s,' $$s; done | sed 's/,$$//') \
+	  --b $$(for s in $(LR_SEEDS); do printf 'runs/arce-lr10/seed-%s,' $$s; done | sed 's/,$$//')
+	$(PY) scripts/swag_spread.py $$(for s in $(LR_SEEDS); do printf 'runs/arce-lr1/seed-%s runs/arce-lr10/seed-%s ' $$s $$s; done)
 
 clean:
 	rm -rf runs build *.egg-info

@@ -754,3 +754,56 @@ def test_compare_runs_script_by_hand(tmp_path, capsys):
     with pytest.raises(SystemExit):
         module.main(["--a", str(a), "--b", str(tmp_path / "missing"), "--row", "swag"])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_swag_spread_script_by_hand(tmp_path, capsys):
+    """scripts/swag_spread.py against numpy: four snapshots, K=3 (the ring buffer wraps once); Σ diag is the sum
+    of the snapshots' population variances, Σ low-rank ‖D‖²_F/(K−1) over the rows held, ‖mean − MAP‖ the L2
+    distance of the mean from the MAP weights saved beside it; the training log's epochs in order."""
+    import importlib.util
+
+    from conftest import small_model
+    from swaglora.params import trainable_parameters, unflatten
+    from swaglora.posterior import MAP, SWAG
+
+    spec = importlib.util.spec_from_file_location("swag_spread", Path(__file__).resolve().parents[1] / "scripts" / "swag_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    model = small_model()
+    params = trainable_parameters(model)
+    member = tmp_path / "run" / "members" / "0"
+    map_vector = torch.tensor([1.0, -1, 0.5, 2, 0, 0, 3, -2], dtype=torch.float64)
+
+    def put(vector):
+        with torch.no_grad():
+            for name, value in unflatten(vector.float(), params).items():
+                params[name].copy_(value)
+
+    put(map_vector)
+    MAP(model).save(member / "posteriors" / "map")
+    thetas = map_vector + torch.tensor([[0.0] * 8, [1.0, 0, 0, 0, 0, 0, 0, 1], [0, 2.0, 0, 0, 1, 0, 0, 0], [0.5] * 8], dtype=torch.float64)
+    swag = SWAG(model, max_rank=3, dtype=torch.float64)
+    deviations = []
+    for i, theta in enumerate(thetas):
+        put(theta)
+        swag.collect(model)
+        deviations.append((theta.float().double() - thetas[: i + 1].float().double().mean(0)).numpy())
+    swag.save(member / "posteriors" / "swag")
+    (member / "train_log.jsonl").write_text(
+        json.dumps({"epoch": 1, "train_loss": 0.9, "val_nll": 0.8}) + "\n" + json.dumps({"epoch": 2, "train_loss": 0.5, "val_nll": 0.75}) + "\n")
+
+    s = module.spread(member)
+    ref = thetas.float().double().numpy()
+    held = np.stack(deviations[1:])  # rows 1, 2 and row 0 overwritten by snapshot 3: the last three deviations
+    assert (s["n"], s["rank"]) == (4, 3)
+    assert s["diag"] == pytest.approx(ref.var(axis=0).sum(), rel=1e-9)
+    assert s["lowrank"] == pytest.approx((held**2).sum() / 2, rel=1e-9)
+    assert s["shift"] == pytest.approx(np.linalg.norm(ref.mean(0) - map_vector.float().double().numpy()), rel=1e-9)
+    assert (s["val_nll"], s["train_loss"]) == ([0.8, 0.75], [0.9, 0.5])
+    assert module.main([str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "| 4 (3) |" in out and "0.800 → 0.750" in out and f"{ref.var(axis=0).sum():.4g}" in out
+    with pytest.raises(SystemExit):
+        module.main([str(tmp_path)])
+    assert "no members/*/posteriors/swag" in capsys.readouterr().err
