@@ -37,7 +37,7 @@ def test_overrides_are_typed():
         ("swag.max_rank", -2, "swag.max_rank must be >= 0"),
         ("swag.scale", "big", "swag.scale must be 'default', 'auto' or a number >= 0"),
         ("swag.scale", "-0.5", "swag.scale must be a finite number >= 0"),
-        ("swag.every", "sometimes", "swag.every must be 'epoch' or a positive integer"),
+        ("swag.every", "sometimes", "swag.every must be 'auto', 'epoch' or a positive integer"),
         ("lora.layers", "bottom:3", "lora.layers must be 'all' or 'top:K'"),
         ("lora.dropout", 1.5, "lora.dropout must be in [0, 1)"),
         ("model.scoring", "guess", "model.scoring must be auto, letter or cloze"),

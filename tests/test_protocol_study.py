@@ -340,6 +340,16 @@ def test_defaults_are_the_studys_choice_and_the_demo_is_its_base(study_module):
     assert (defaults["data"]["train_limit"], defaults["data"]["val_limit"], defaults["eval"]["limit"]) == (0, 0, 0)
     demo = cfg("--preset", "demo")
     base = cfg(*study_module.BASE_PROTOCOL)
+    # swag.every: the study ran every 25 steps (the default then); the default is now auto, which resolves to 25 on
+    # the study's training sets (ARC-Easy 2,251, OBQA 2,000 questions); the demo pins 25, as auto would collect
+    # every 15 steps on its 400
+    from swaglora import trajectory
+    from swaglora.config import apply_overrides
+
+    assert (base["swag"]["every"], defaults["swag"]["every"], demo["swag"]["every"]) == ("auto", "auto", "25")
+    assert [trajectory.collect_every(RunConfig(), n) for n in (2251, 2000, 400)] == [25, 25, 15]
+    assert trajectory.collect_every(apply_overrides(RunConfig(), {"swag.every": demo["swag"]["every"]}), 400) == 25
+    demo["swag"]["every"] = base["swag"]["every"]
     assert {k: demo[k] for k in ("lora", "posterior", "swag", "train")} == {k: base[k] for k in ("lora", "posterior", "swag", "train")}
     assert (demo["lora"]["layers"], demo["posterior"]["samples"], demo["data"]["train_limit"], demo["eval"]["limit"]) == ("top:2", 4, 400, 150)
     assert demo["data"] == {**base["data"], "train_limit": 400, "val_limit": 100}

@@ -95,6 +95,57 @@ def test_force_save_off_keeps_every_snapshot(tmp_path, run_args):
     assert load_posterior(run / "members" / "0" / "posteriors" / "swag").n_collected == 3
 
 
+def test_auto_snapshot_interval_by_hand():
+    """swag.every auto: 25 steps when the SWAG phase then collects >= 2K snapshots, else floor(SWAG steps / 2K)."""
+    from swaglora import trajectory
+    from swaglora.config import RunConfig, apply_overrides
+    from swaglora.members import check_schedule
+
+    cfg = RunConfig()  # batch 8, 3 SWAG epochs, K=5, 2 MAP epochs
+    assert cfg.swag.every == "auto"
+    # (questions, steps per epoch = ceil(n/8), interval, snapshots among steps 2*spe+1 .. 5*spe)
+    for n, spe, every, count in [(2251, 282, 25, 34), (665, 84, 25, 10), (664, 83, 24, 11), (400, 50, 15, 10),
+                                 (100, 13, 3, 13), (40, 5, 1, 15), (9, 2, 1, 6)]:
+        assert trajectory.steps_per_epoch(cfg, n) == spe
+        assert trajectory.collect_every(cfg, n) == every, n
+        names = trajectory.snapshot_names(cfg, n)
+        assert names == [trajectory.step_name(s) for s in range(2 * spe + 1, 5 * spe + 1) if s % every == 0]
+        assert len(names) == count and count >= 2 * 5 or n == 9
+        check_schedule(cfg, n)  # the defaults train on any of these
+    with pytest.raises(ValueError, match=r"larger than the 3 snapshots .*swag.every=auto, 1 steps per epoch on 8"):
+        check_schedule(cfg, 8)
+    # a fixed interval is used as given (and refused where it cannot fill the rank), epoch ends as before
+    assert trajectory.collect_every(apply_overrides(cfg, {"swag.every": "25"}), 400) == 25
+    with pytest.raises(ValueError, match="larger than the 4 snapshots"):
+        check_schedule(apply_overrides(cfg, {"swag.every": "25"}), 240)
+    assert trajectory.collect_every(apply_overrides(cfg, {"swag.every": "epoch"}), 400) is None
+    # the rank sets the target: K=20 on 2,251 questions wants 40 snapshots: every 846 // 40 = 21 steps
+    assert trajectory.collect_every(apply_overrides(cfg, {"swag.max_rank": 20}), 2251) == 21
+    assert trajectory.collect_every(apply_overrides(cfg, {"swag.max_rank": 0}), 2251) == 25
+    # recollection compares the resolved intervals: auto (15 on 400 questions) is not a multiple of a recorded 2
+    # ... but is of a recorded 5, and a recorded auto resolves the same way
+    src = apply_overrides(cfg, {"swag.keep_trajectory": True, "swag.every": "2"})
+    why = trajectory.recollect_differences(src, cfg, 400)
+    assert why == ["--swag-every auto (15 steps) is not a multiple of the 2 steps it recorded"]
+    assert trajectory.recollect_differences(apply_overrides(src, {"swag.every": "5"}), cfg, 400) == []
+    assert trajectory.recollect_differences(apply_overrides(src, {"swag.every": "auto"}), apply_overrides(cfg, {"swag.every": "30"}), 400) == []
+
+
+def test_auto_snapshot_interval_in_training(tmp_path, run_args):
+    """A small training set under the default swag.every: 32 training questions (40, 20% held out), batch 8: 4
+    steps per epoch; 1 MAP + 2 SWAG epochs, K=2 -> every 8 // 4 = 2 steps -> steps 6, 8, 10, 12: 4 snapshots;
+    done.json records the interval used. A fixed 25 collects none and is refused before training."""
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *run_args, "--epochs", "1", "--swag-epochs", "2", "--swag-max-rank", "2",
+                 "--methods", "swag"]) == 0
+    done = json.loads((run / "members" / "0" / "done.json").read_text())
+    assert (done["n_train"], done["swag_every"]) == (32, 2)
+    assert load_posterior(run / "members" / "0" / "posteriors" / "swag").n_collected == 4
+    assert main(["train", "--out", str(tmp_path / "fixed"), *run_args, "--epochs", "1", "--swag-epochs", "2",
+                 "--swag-max-rank", "2", "--swag-every", "25", "--methods", "swag"]) != 0
+    assert not (tmp_path / "fixed" / "members" / "0" / "done.json").exists()
+
+
 def test_compute_matched_map_trains_as_long_as_map_plus_swag_and_keeps_its_best_epoch(tmp_path, run_args):
     from swaglora.posterior import get_method
     from swaglora.rundir import load_run_config

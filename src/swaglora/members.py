@@ -69,6 +69,12 @@ def open_session(cfg: RunConfig, lm: LoadedModel | None = None, with_data: bool 
     return session
 
 
+def _every(cfg: RunConfig, n_train: int) -> int | str:
+    """``swag.every`` as the member collects it (``auto`` resolved; done.json records it)."""
+    every = trajectory.collect_every(cfg, n_train)
+    return "epoch" if every is None else every
+
+
 def check_schedule(cfg: RunConfig, n_train: int) -> None:
     """Refuse a SWAG rank the collection schedule can never fill (the low-rank part would silently shrink)."""
     if cfg.swag.epochs == 0 or cfg.swag.max_rank == 0:
@@ -78,7 +84,8 @@ def check_schedule(cfg: RunConfig, n_train: int) -> None:
     if cfg.swag.max_rank > snapshots:
         raise ValueError(f"swag.max_rank={cfg.swag.max_rank} is larger than the {snapshots} snapshots the schedule "
                          f"collects (swag.epochs={cfg.swag.epochs}, swag.every={cfg.swag.every}, {steps_per_epoch} "
-                         "steps per epoch); lower --swag-max-rank or collect more often")
+                         f"steps per epoch on {n_train} training questions); lower --swag-max-rank, collect more "
+                         "often or train more SWAG epochs")
 
 
 def needed_posteriors(rows: list[str]) -> list[str]:
@@ -186,6 +193,7 @@ def train_member(session: Session, out: Path, index: int, names: list[str], prog
         atomic_write_json(out / "done.json", {"seed": seed, "seconds": result.seconds,
                                               "examples_per_second": result.examples_per_second,
                                               "kept_swag_epoch": result.kept_epoch,
+                                              "swag_every": _every(cfg, len(session.train)),
                                               "n_train": len(session.train), "library_version": __version__,
                                               "max_choices": max(ex.n_choices for ex in session.train)})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a finished member is never resumed
@@ -216,7 +224,7 @@ def recollect_member(session: Session, source: Path, out: Path, names: list[str]
            if line.strip() and json.loads(line).get("epoch", 0) <= cfg.train.epochs + cfg.swag.epochs]
     atomic_write_text(tmp / "train_log.jsonl", "".join(f"{line}\n" for line in log))
     atomic_write_json(tmp / "done.json", {**done, "recollected": {
-        "swag_epochs": cfg.swag.epochs, "swag_every": cfg.swag.every, "swag_max_rank": cfg.swag.max_rank,
+        "swag_epochs": cfg.swag.epochs, "swag_every": _every(cfg, done["n_train"]), "swag_max_rank": cfg.swag.max_rank,
         "snapshots": len(snapshots)}})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -20,6 +20,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora.targets": "all-linear",
         "lora.layers": "top:2",
         "posterior.samples": 4,
+        "swag.every": "25",  # as the study's base ran it (auto would collect every 15 steps on 400 questions)
         "data.train_limit": 400,
         "data.val_limit": 100,
         "eval.limit": 150,

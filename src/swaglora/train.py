@@ -260,7 +260,7 @@ class _Loop:
     def run(self) -> TrainResult:
         cfg, dist, model, params = self.cfg, self.dist, self.scorer.model, self.params
         total_epochs = cfg.train.epochs + cfg.swag.epochs
-        every = None if cfg.swag.every == "epoch" else int(cfg.swag.every)
+        every = trajectory.collect_every(cfg, len(self.train))
         accum, ckpt_every = cfg.train.grad_accum, cfg.train.checkpoint_every
         self.start = time.perf_counter() - self.seconds
         from tqdm.auto import tqdm

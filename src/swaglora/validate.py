@@ -220,7 +220,7 @@ def _check_recollect_source(cfg: RunConfig, source: Path, out: Path, members: li
     source_cfg = recollect_source_config(source)
     if source.resolve() == out.resolve():
         raise ConfigError(f"{flag} {source} is --out itself; give another --out")
-    trajectory.check_source(source_cfg, cfg, flag)
+    trajectory.check_source(source_cfg, cfg, n_train, flag)
     _check_data_unchanged(cfg, source, hashes)
     for i in members:
         member = source / "members" / str(i)
