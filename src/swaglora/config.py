@@ -145,7 +145,7 @@ class SWAGConfig:
     epochs: int = _f(3, "epochs of SWAG collection after the MAP phase (0 = no SWAG)")
     lr: float = _f(1e-3, "SWAG-phase learning rate (constant, or annealed from the MAP lr over anneal_epochs)")
     anneal_epochs: int = _f(0, "epochs of linear anneal from the lr the MAP phase ended with to the SWAG lr (0 = constant)")
-    every: str = _f("auto", "collect a snapshot every N optimiser steps, at each epoch end ('epoch'), or 'auto': every 25 steps (the protocol study's base; every 100 was no different), more often when the SWAG phase is too short for 2 * max_rank snapshots at that rate (small training sets)")
+    every: str = _f("auto", "collect a snapshot every N optimiser steps, at each epoch end ('epoch'), or 'auto': every 25 steps (the protocol study's base; every 100 was not better), more often when the SWAG phase is too short for 2 * max_rank snapshots at that rate (small training sets)")
     max_rank: int = _f(5, "rank K of the low-rank covariance part (deviation rows kept)")
     force_save: int = _f(-1, "early stopping of the SWAG phase as the SWAG-LoRA code's force_save: keep the SWAG moments of the collection epoch whose SWA mean has the lowest validation NLL so far, and those of collection epoch force_save+1 (0-based, as theirs) when its mean is not better; -1 = off (keep every snapshot)")
     scale: str = _f("default", "covariance scale of every SWAG row: 'default' (each posterior's own: 0.5 for swag, 1 for swag-diag), a number, or 'auto' (chosen by validation NLL over a grid)")
