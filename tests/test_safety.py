@@ -89,6 +89,26 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, tiny_model_di
     assert snapshot(user) == before
 
 
+def test_a_run_with_other_settings_is_refused_naming_each_value(tmp_path, tiny_model_dir, files, capsys, no_work):
+    """Resuming into a run made with other result-changing settings names each setting with both values (e.g. a
+    run trained when swag.every was 25 by default, resumed where it is auto); evaluation settings may differ."""
+    from swaglora.cli import build_parser, resolve_config
+    from swaglora.config import apply_overrides
+
+    run = tmp_path / "run"
+    args = ["train", *tiny_args(tiny_model_dir, files), "--out", str(run)]
+    cfg = resolve_config(build_parser().parse_args(args))
+    rundir.save_config(apply_overrides(cfg, {"swag.every": "3", "lora.r": 4, "eval.limit": 5}), run)
+    before = snapshot(run)
+    line = one_error(capsys, main(args), "holds a run with a different config (lora.r: 4 there, 2 here; swag.every: '3' "
+                                         "there, '2' here)")
+    assert "eval.limit" not in line and "--set swag.every=25" in line
+    assert snapshot(run) == before
+    # only an evaluation setting differs: accepted, and the config file now carries it
+    rundir.save_config(apply_overrides(cfg, {"swag.every": "3", "lora.r": 4, "eval.limit": 7}), run)
+    assert json.loads((run / "config.json").read_text())["eval"]["limit"] == 7
+
+
 def test_overwrite_refuses_a_marker_without_format_version(tmp_path, tiny_model_dir, files, capsys, no_work):
     fake = tmp_path / "fake"
     fake.mkdir()

@@ -174,11 +174,14 @@ def save_config(cfg: RunConfig, run_dir: Path, data_sha256: dict[str, str] | Non
         saved = read_json(path)
         if saved != data:
             defaults = config_to_dict(RunConfig())  # a key missing from an older config.json means its default
-            changed = sorted(f"{s}.{k}" for s in data for k in data[s]
-                             if saved.get(s, {}).get(k, defaults[s][k]) != data[s][k])
-            if any(not c.startswith("eval.") and c not in RESULT_NEUTRAL for c in changed):
-                raise ValueError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
-                                 "use another --out or --overwrite")
+            was = lambda s, k: saved.get(s, {}).get(k, defaults[s][k])  # noqa: E731
+            changed = sorted((f"{s}.{k}", was(s, k), data[s][k]) for s in data for k in data[s] if was(s, k) != data[s][k])
+            refused = [f"{name}: {old!r} there, {new!r} here" for name, old, new in changed
+                       if not name.startswith("eval.") and name not in RESULT_NEUTRAL]
+            if refused:
+                raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(refused)}); give the "
+                                 "same settings (e.g. --set swag.every=25 for a run trained when that was the default), "
+                                 "another --out or --overwrite")
     write_run_marker(run_dir, data_sha256=data_sha256 or {}, runtime=runtime_info(cfg.model))
     atomic_write_json(path, data)
 
