@@ -51,12 +51,14 @@ study-obqa: $(STAMP)
 # then the report pooled over every seed directory there is (docs/defaults-arce; each seed alone: docs/defaults-arce/seed-N)
 # and the pair table (pairs.md).
 # Resumable: rerun to continue. `make methods-arce SEEDS=1` runs one seed (about 4.7 h on a 2-core AMX machine).
+# --swag-every 25: as the committed runs were made, before the default became auto (which resolves to 25 steps on
+# ARC-Easy's 2,251 training questions: the same training), so that their run directories resume.
 SEEDS ?= 0,1,2
 METHODS_ARCE = zero-shot,map,map-matched,swa,swag,multiswag,ensemble,ensemble-matched,laplace
 PAIRS_ARCE = swag:map-matched,multiswag:ensemble-matched,multiswag:ensemble,multiswag:map+ts,multiswag:laplace,laplace+ts:map+ts
 methods-arce: $(STAMP)
 	$(PY) -m swaglora run --seeds $(SEEDS) --out runs/defaults-arce --calibrate temperature --abstain-risk 0.5 \
-		--methods $(METHODS_ARCE)
+		--methods $(METHODS_ARCE) --swag-every 25
 	$(PY) -m swaglora report runs/defaults-arce/seed-* --abstain-risk 0.5 --out docs/defaults-arce
 	{ printf '# Paired differences between chosen rows (ARC-Easy defaults, seeds in runs/defaults-arce)\n\n'; \
 	  printf 'Command: `make methods-arce SEEDS=$(SEEDS)` (scripts/pairs_table.py). a - b with its 95%% paired bootstrap interval pooled over the seeds; * where it excludes 0.\n\n'; \
@@ -66,13 +68,14 @@ methods-arce: $(STAMP)
 # The SWAG phase's lr at the defaults' placement on ARC-Easy, which the screen varied only around the top-2 base:
 # the defaults (lr) against lr/10, one member each, seeds 0-2, validation only; then swag's paired difference
 # pooled over the seeds, and each posterior's spread (scripts/swag_spread.py). Written up in docs/protocol-study-lr.md.
-# Resumable (about 25 min per run on a 2-core AMX machine).
+# Resumable (about 25 min per run on a 2-core AMX machine); --swag-every 25 as for methods-arce.
 LR_SEEDS = 0 1 2
 swag-lr-arce: $(STAMP)
 	for s in $(LR_SEEDS); do \
-	  $(PY) -m swaglora run --seeds $$s --out runs/arce-lr1 --members 1 --methods map,swag --validation-only || exit 1; \
+	  $(PY) -m swaglora run --seeds $$s --out runs/arce-lr1 --members 1 --methods map,swag --validation-only \
+	    --swag-every 25 || exit 1; \
 	  $(PY) -m swaglora run --seeds $$s --out runs/arce-lr10 --swag-lr 0.0001 --members 1 --methods map,swag \
-	    --validation-only || exit 1; \
+	    --validation-only --swag-every 25 || exit 1; \
 	done
 	$(PY) scripts/compare_runs.py --row swag --labels "swag lr,swag lr/10" \
 	  --a $$(for s in $(LR_SEEDS); do printf 'runs/arce-lr1/seed-%s,' $$s; done | sed 's/,$$//') \

@@ -11,8 +11,8 @@ For every ``RUN/members/M`` with a saved SWAG posterior (``posteriors/swag``) pr
 * ‖mean − MAP‖: the L2 distance of the SWA mean from the MAP weights (``posteriors/map``);
 * the validation NLL of the training iterate and the training loss after each epoch (``train_log.jsonl``).
 
-A sample at scale s has covariance s/2·(Σ_diag + Σ_low-rank) around the mean with the paper's 1/2 folded into the
-default scale, so the traces compare the spread of two protocols at one scale. Markdown on standard output.
+A sample at scale s has covariance s·(Σ_diag + Σ_low-rank) around the mean (the paper's ½ is the default s = 0.5),
+so the traces compare the spread of two protocols at one scale. Markdown on standard output.
 """
 
 from __future__ import annotations

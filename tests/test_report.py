@@ -804,6 +804,20 @@ def test_swag_spread_script_by_hand(tmp_path, capsys):
     assert module.main([str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "| 4 (3) |" in out and "0.800 → 0.750" in out and f"{ref.var(axis=0).sum():.4g}" in out
+    # fewer snapshots than the rank: K' = n rows held, divisor K' - 1 (2 snapshots: 1); one snapshot: no low-rank part
+    for n in (2, 1):
+        few = tmp_path / f"few{n}" / "members" / "0"
+        swag = SWAG(model, max_rank=3, dtype=torch.float64)
+        for theta in thetas[1 : 1 + n]:
+            put(theta)
+            swag.collect(model)
+        swag.save(few / "posteriors" / "swag")
+        s = module.spread(few)
+        part = thetas[1 : 1 + n].float().double().numpy()
+        assert (s["n"], s["rank"]) == (n, n) and math.isnan(s["shift"]) and s["val_nll"] == []
+        assert s["diag"] == pytest.approx(part.var(axis=0).sum(), rel=1e-9, abs=1e-12)
+        # 2 snapshots: rows t1 - t1 = 0 and t2 - (t1 + t2)/2; Σ low-rank = ‖(t2 - t1)/2‖²
+        assert s["lowrank"] == pytest.approx(((part[-1] - part[0]) ** 2).sum() / 4 if n == 2 else 0.0, rel=1e-9)
     with pytest.raises(SystemExit):
         module.main([str(tmp_path)])
     assert "no members/*/posteriors/swag" in capsys.readouterr().err

@@ -101,9 +101,16 @@ def test_a_run_with_other_settings_is_refused_naming_each_value(tmp_path, tiny_m
     rundir.save_config(apply_overrides(cfg, {"swag.every": "3", "lora.r": 4, "eval.limit": 5}), run)
     before = snapshot(run)
     line = one_error(capsys, main(args), "holds a run with a different config (lora.r: 4 there, 2 here; swag.every: '3' "
-                                         "there, '2' here)")
-    assert "eval.limit" not in line and "--set swag.every=25" in line
+                                         "there, '2' here); give the same settings, another --out or --overwrite")
+    assert "eval.limit" not in line
     assert snapshot(run) == before
+    # a run trained when swag.every's default was 25, resumed with the default auto: the hint says what to give
+    old = tmp_path / "old"
+    at = args.index("--swag-every")
+    auto = args[:at] + args[at + 2:-1] + [str(old)]
+    rundir.save_config(apply_overrides(resolve_config(build_parser().parse_args(auto)), {"swag.every": "25"}), old)
+    one_error(capsys, main(auto), "(swag.every: '25' there, 'auto' here); give the same settings (--swag-every 25 for "
+                                  "a run trained when 25 was the default)")
     # only an evaluation setting differs: accepted, and the config file now carries it
     rundir.save_config(apply_overrides(cfg, {"swag.every": "3", "lora.r": 4, "eval.limit": 7}), run)
     assert json.loads((run / "config.json").read_text())["eval"]["limit"] == 7

@@ -110,7 +110,7 @@ def test_auto_snapshot_interval_by_hand():
         assert trajectory.collect_every(cfg, n) == every, n
         names = trajectory.snapshot_names(cfg, n)
         assert names == [trajectory.step_name(s) for s in range(2 * spe + 1, 5 * spe + 1) if s % every == 0]
-        assert len(names) == count and count >= 2 * 5 or n == 9
+        assert len(names) == count and (count >= 2 * 5 or n == 9)
         check_schedule(cfg, n)  # the defaults train on any of these
     with pytest.raises(ValueError, match=r"larger than the 3 snapshots .*swag.every=auto, 1 steps per epoch on 8"):
         check_schedule(cfg, 8)
@@ -129,6 +129,34 @@ def test_auto_snapshot_interval_by_hand():
     assert why == ["--swag-every auto (15 steps) is not a multiple of the 2 steps it recorded"]
     assert trajectory.recollect_differences(apply_overrides(src, {"swag.every": "5"}), cfg, 400) == []
     assert trajectory.recollect_differences(apply_overrides(src, {"swag.every": "auto"}), apply_overrides(cfg, {"swag.every": "30"}), 400) == []
+
+
+def test_recollecting_an_auto_run_keeps_the_interval_it_recorded(tmp_path):
+    """A source collected with swag.every auto: its recollection keeps the recorded interval (done.json), because
+    auto would resolve anew for another rank (K=20 on 400 questions: 150 // 40 = 3, not a multiple of 15)."""
+    from swaglora import cli, rundir
+    from swaglora.config import RunConfig, apply_overrides
+
+    source = tmp_path / "source"
+    rundir.save_config(apply_overrides(RunConfig(), {"swag.keep_trajectory": True}), source)
+    for i in (0, 1):
+        (source / "members" / str(i)).mkdir(parents=True)
+        (source / "members" / str(i) / "done.json").write_text(json.dumps({"n_train": 400, "swag_every": 15}))
+    cfg = cli._recollect_base(source)
+    assert (cfg.swag.every, cfg.swag.keep_trajectory) == ("15", False)
+    assert trajectory_differences(source, apply_overrides(cfg, {"swag.max_rank": 20})) == []
+    assert trajectory_differences(source, apply_overrides(cfg, {"swag.every": "auto", "swag.max_rank": 20})) == [
+        "--swag-every auto (3 steps) is not a multiple of the 15 steps it recorded"]
+    # members that disagree (or an older done.json without the field): auto stays, resolved as before
+    (source / "members" / "1" / "done.json").write_text(json.dumps({"n_train": 400}))
+    assert cli._recollect_base(source).swag.every == "auto"
+
+
+def trajectory_differences(source, cfg):
+    from swaglora import trajectory
+    from swaglora.rundir import load_run_config
+
+    return trajectory.recollect_differences(load_run_config(source), cfg, 400)
 
 
 def test_auto_snapshot_interval_in_training(tmp_path, run_args):

@@ -304,10 +304,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _recollect_base(source: Path) -> RunConfig:
     """``train --recollect-from SOURCE``: the flags given change SOURCE's settings (it records a trajectory, the
-    rebuilt run does not)."""
+    rebuilt run does not). A SOURCE collected with ``swag.every auto`` keeps the interval it recorded (its members'
+    ``done.json``): auto would resolve anew for another rank or number of SWAG epochs, to an interval the recorded
+    snapshots may not hold; ``--swag-every`` still chooses another."""
+    from .io import read_json
     from .validate import recollect_source_config
 
-    return apply_overrides(recollect_source_config(source), {"swag.keep_trajectory": False})
+    cfg = recollect_source_config(source)
+    overrides: dict[str, Any] = {"swag.keep_trajectory": False}
+    if cfg.swag.every == "auto":
+        recorded = {read_json(p).get("swag_every") for p in sorted((source / "members").glob("*/done.json"))}
+        if len(recorded) == 1 and isinstance(next(iter(recorded)), int):
+            overrides["swag.every"] = str(recorded.pop())
+    return apply_overrides(cfg, overrides)
 
 
 def _predict(args: argparse.Namespace, progress: bool) -> int:

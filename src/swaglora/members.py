@@ -69,8 +69,10 @@ def open_session(cfg: RunConfig, lm: LoadedModel | None = None, with_data: bool 
     return session
 
 
-def _every(cfg: RunConfig, n_train: int) -> int | str:
-    """``swag.every`` as the member collects it (``auto`` resolved; done.json records it)."""
+def _every(cfg: RunConfig, n_train: int) -> int | str | None:
+    """``swag.every`` as the member collects it (``auto`` resolved; done.json records it); None without SWAG phase."""
+    if cfg.swag.epochs == 0:
+        return None
     every = trajectory.collect_every(cfg, n_train)
     return "epoch" if every is None else every
 
@@ -223,7 +225,7 @@ def recollect_member(session: Session, source: Path, out: Path, names: list[str]
     log = [line for line in (source / "train_log.jsonl").read_text().splitlines()
            if line.strip() and json.loads(line).get("epoch", 0) <= cfg.train.epochs + cfg.swag.epochs]
     atomic_write_text(tmp / "train_log.jsonl", "".join(f"{line}\n" for line in log))
-    atomic_write_json(tmp / "done.json", {**done, "recollected": {
+    atomic_write_json(tmp / "done.json", {**done, "swag_every": _every(cfg, done["n_train"]), "recollected": {
         "swag_epochs": cfg.swag.epochs, "swag_every": _every(cfg, done["n_train"]), "swag_max_rank": cfg.swag.max_rank,
         "snapshots": len(snapshots)}})
     shutil.rmtree(out, ignore_errors=True)

@@ -179,9 +179,10 @@ def save_config(cfg: RunConfig, run_dir: Path, data_sha256: dict[str, str] | Non
             refused = [f"{name}: {old!r} there, {new!r} here" for name, old, new in changed
                        if not name.startswith("eval.") and name not in RESULT_NEUTRAL]
             if refused:
+                hint = (" (--swag-every 25 for a run trained when 25 was the default)"
+                        if any(name == "swag.every" and new == "auto" for name, _, new in changed) else "")
                 raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(refused)}); give the "
-                                 "same settings (e.g. --set swag.every=25 for a run trained when that was the default), "
-                                 "another --out or --overwrite")
+                                 f"same settings{hint}, another --out or --overwrite")
     write_run_marker(run_dir, data_sha256=data_sha256 or {}, runtime=runtime_info(cfg.model))
     atomic_write_json(path, data)
 
