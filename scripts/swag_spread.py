@@ -24,25 +24,23 @@ from pathlib import Path
 
 import torch
 
+from swaglora.params import flatten
 from swaglora.posterior import load_posterior
 
 
 def spread(member: Path) -> dict:
     swag = load_posterior(member / "posteriors" / "swag")
-    state = swag.state_dict()
-    mean, sq, dev = (state[k].double() for k in ("mean", "sq_mean", "deviations"))
-    k = min(int(state["n"]), dev.shape[0])
+    mean, k = swag.state.mean.double(), swag.rank
     out = {
-        "n": int(state["n"]), "rank": k,
-        "diag": float((sq - mean**2).clamp(min=0).sum()),
-        "lowrank": float((dev[:k] ** 2).sum() / (k - 1)) if k >= 2 else 0.0,
+        "n": swag.n_collected, "rank": k,
+        "diag": float(swag.variance().double().sum()),
+        "lowrank": float((swag.state.deviations[:k].double() ** 2).sum() / (k - 1)) if k >= 2 else 0.0,
         "shift": math.nan, "val_nll": [], "train_loss": [],
     }
     map_dir = member / "posteriors" / "map"
     if (map_dir / "posterior_config.json").is_file():
         weights = load_posterior(map_dir).state_dict()
-        flat = torch.cat([weights[n].double().reshape(-1) for n in swag.parameter_shapes])
-        out["shift"] = float((mean - flat).norm())
+        out["shift"] = float((mean - flatten({n: weights[n] for n in swag.parameter_shapes}, torch.float64)).norm())
     log = member / "train_log.jsonl"
     if log.is_file():
         for line in log.read_text().splitlines():

@@ -225,8 +225,9 @@ def recollect_member(session: Session, source: Path, out: Path, names: list[str]
     log = [line for line in (source / "train_log.jsonl").read_text().splitlines()
            if line.strip() and json.loads(line).get("epoch", 0) <= cfg.train.epochs + cfg.swag.epochs]
     atomic_write_text(tmp / "train_log.jsonl", "".join(f"{line}\n" for line in log))
-    atomic_write_json(tmp / "done.json", {**done, "swag_every": _every(cfg, done["n_train"]), "recollected": {
-        "swag_epochs": cfg.swag.epochs, "swag_every": _every(cfg, done["n_train"]), "swag_max_rank": cfg.swag.max_rank,
+    every = _every(cfg, done["n_train"])
+    atomic_write_json(tmp / "done.json", {**done, "swag_every": every, "recollected": {
+        "swag_epochs": cfg.swag.epochs, "swag_every": every, "swag_max_rank": cfg.swag.max_rank,
         "snapshots": len(snapshots)}})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
