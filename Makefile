@@ -48,7 +48,7 @@ study-obqa: $(STAMP)
 		--candidate 'defaults-lr10={"placement": "all, q_proj+v_proj", "samples": "S=15", "swag_lr": "lr/10"}'
 
 # Every method under the defaults on ARC-Easy (full splits; shift sets ARC-Challenge and OBQA), one run per seed,
-# then the report pooled over every seed directory there is (docs/defaults-arce; each seed alone: docs/defaults-arce/seed-N)
+# then the report pooled over every seed directory there is (docs/defaults-arce/pooled; each seed alone: docs/defaults-arce/seed-N)
 # and the pair table (pairs.md).
 # Resumable: rerun to continue. `make methods-arce SEEDS=1` runs one seed (about 4.7 h on a 2-core AMX machine).
 # --swag-every 25: as the committed runs were made, before the default became auto (which resolves to 25 steps on
@@ -59,11 +59,11 @@ PAIRS_ARCE = swag:map-matched,multiswag:ensemble-matched,multiswag:ensemble,mult
 methods-arce: $(STAMP)
 	$(PY) -m swaglora run --seeds $(SEEDS) --out runs/defaults-arce --calibrate temperature --abstain-risk 0.5 \
 		--methods $(METHODS_ARCE) --swag-every 25
-	$(PY) -m swaglora report runs/defaults-arce/seed-* --abstain-risk 0.5 --out docs/defaults-arce
+	$(PY) -m swaglora report runs/defaults-arce/seed-* --abstain-risk 0.5 --out docs/defaults-arce/pooled
 	{ printf '# Paired differences between chosen rows (ARC-Easy defaults, seeds in runs/defaults-arce)\n\n'; \
 	  printf 'Command: `make methods-arce SEEDS=$(SEEDS)` (scripts/pairs_table.py). a - b with its 95%% paired bootstrap interval pooled over the seeds; * where it excludes 0.\n\n'; \
-	  $(PY) scripts/pairs_table.py runs/defaults-arce/seed-* --pairs $(PAIRS_ARCE); } > docs/defaults-arce/pairs.md.new
-	mv docs/defaults-arce/pairs.md.new docs/defaults-arce/pairs.md
+	  $(PY) scripts/pairs_table.py runs/defaults-arce/seed-* --pairs $(PAIRS_ARCE); } > docs/defaults-arce/pooled/pairs.md.new
+	mv docs/defaults-arce/pooled/pairs.md.new docs/defaults-arce/pooled/pairs.md
 
 # The SWAG phase's lr at the defaults' placement on ARC-Easy, which the screen varied only around the top-2 base:
 # the defaults (lr) against lr/10, one member each, seeds 0-2, validation only; then swag's paired difference
